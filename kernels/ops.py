@@ -1,0 +1,61 @@
+"""Dispatch: the Triton kernels on CUDA tensors, the torch references elsewhere."""
+
+import torch
+
+from pdserve.kernels import reference
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    if not t.is_cuda:
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def store_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
+    """See ``reference.store_kv``. Mutates the caches."""
+    if _use_triton(key):
+        from pdserve.kernels.triton_store import store_kv as impl
+    else:
+        impl = reference.store_kv
+    impl(key, value, k_cache, v_cache, slot_mapping)
+
+
+def paged_decode_attention(query, k_cache, v_cache, block_tables, context_lens, scale):
+    """See ``reference.paged_decode_attention``."""
+    if _use_triton(query):
+        from pdserve.kernels.triton_decode import paged_decode_attention as impl
+    else:
+        impl = reference.paged_decode_attention
+    return impl(query, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+def paged_prefill_attention(query, k_cache, v_cache, block_tables, query_start_loc,
+                            context_lens, scale):
+    """See ``reference.paged_prefill_attention``."""
+    if _use_triton(query):
+        from pdserve.kernels.triton_prefill import paged_prefill_attention as impl
+    else:
+        impl = reference.paged_prefill_attention
+    return impl(query, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale)
+
+
+def pack_blocks(k_cache, v_cache, block_ids, out=None):
+    """See ``reference.pack_blocks``."""
+    if _use_triton(k_cache):
+        from pdserve.kernels.triton_blocks import pack_blocks as impl
+    else:
+        impl = reference.pack_blocks
+    return impl(k_cache, v_cache, block_ids, out)
+
+
+def unpack_blocks(buf, k_cache, v_cache, block_ids) -> None:
+    """See ``reference.unpack_blocks``. Mutates the caches."""
+    if _use_triton(k_cache):
+        from pdserve.kernels.triton_blocks import unpack_blocks as impl
+    else:
+        impl = reference.unpack_blocks
+    impl(buf, k_cache, v_cache, block_ids)

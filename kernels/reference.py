@@ -1,0 +1,136 @@
+"""Plain-torch reference implementations of every kernel.
+
+These define the contract the Triton kernels implement, and they are what
+the engine runs on the CPU. Shapes (one layer):
+
+    k_cache, v_cache : [NB, B, Hkv, D]        NB blocks of B tokens
+    block_tables     : [N, max_blocks] int32  row i = blocks of sequence i
+    context_lens     : [N] int32              tokens in the cache for seq i
+                                              (new tokens included)
+    query_start_loc  : [N + 1] int32          prefix sums of query lengths
+
+Sequence i's new tokens are its last ``q_len_i`` positions:
+
+    positions  0 ............ ctx-q_len-1 | ctx-q_len ...... ctx-1
+               cached prefix (attend all)   new tokens (causal among them)
+"""
+
+import torch
+
+
+def store_kv(
+    key: torch.Tensor,  # [T, Hkv, D]
+    value: torch.Tensor,  # [T, Hkv, D]
+    k_cache: torch.Tensor,  # [NB, B, Hkv, D]  (mutated)
+    v_cache: torch.Tensor,  # [NB, B, Hkv, D]  (mutated)
+    slot_mapping: torch.Tensor,  # [T] int64, every entry a valid slot
+) -> None:
+    """Write token t's key/value into slot ``slot_mapping[t]``. Mutates the caches."""
+    nb, bs, h, d = k_cache.shape
+    k_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping.long(), key.to(k_cache.dtype))
+    v_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping.long(), value.to(v_cache.dtype))
+
+
+def _gather_padded(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """[NB, B, H, D] gathered by [N, M] block ids -> [N, M * B, H, D]."""
+    n, m = block_tables.shape
+    _, bs, h, d = cache.shape
+    return cache[block_tables.long()].reshape(n, m * bs, h, d)
+
+
+def paged_decode_attention(
+    query: torch.Tensor,  # [N, Hq, D]
+    k_cache: torch.Tensor,  # [NB, B, Hkv, D]
+    v_cache: torch.Tensor,  # [NB, B, Hkv, D]
+    block_tables: torch.Tensor,  # [N, max_blocks] int32
+    context_lens: torch.Tensor,  # [N] int32, >= 1
+    scale: float,
+) -> torch.Tensor:  # [N, Hq, D]
+    """One query token per sequence attends to all ``context_lens[i]`` cached tokens.
+
+    Pure: reads the caches, returns a new tensor.
+    """
+    n, hq, d = query.shape
+    hkv = k_cache.shape[2]
+    max_ctx = int(context_lens.max().item())
+    num_blocks_needed = (max_ctx + k_cache.shape[1] - 1) // k_cache.shape[1]
+    tables = block_tables[:, :num_blocks_needed]
+    k = _gather_padded(k_cache, tables)[:, :max_ctx]  # [N, L, Hkv, D]
+    v = _gather_padded(v_cache, tables)[:, :max_ctx]
+    group = hq // hkv
+    q = query.view(n, hkv, group, d).float()  # [N, Hkv, G, D]
+    scores = torch.einsum("nhgd,nlhd->nhgl", q, k.float()) * scale  # [N, Hkv, G, L]
+    pos = torch.arange(max_ctx, device=query.device)
+    valid = pos[None, :] < context_lens[:, None].to(query.device)  # [N, L]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("nhgl,nlhd->nhgd", probs, v.float())
+    return out.reshape(n, hq, d).to(query.dtype)
+
+
+def paged_prefill_attention(
+    query: torch.Tensor,  # [T, Hq, D]  new tokens of all sequences, packed
+    k_cache: torch.Tensor,  # [NB, B, Hkv, D]  new tokens already stored
+    v_cache: torch.Tensor,  # [NB, B, Hkv, D]
+    block_tables: torch.Tensor,  # [N, max_blocks] int32
+    query_start_loc: torch.Tensor,  # [N + 1] int32
+    context_lens: torch.Tensor,  # [N] int32, cached prefix + new tokens
+    scale: float,
+) -> torch.Tensor:  # [T, Hq, D]
+    """New tokens attend to their sequence's cached prefix and causally to each other.
+
+    Pure: reads the caches, returns a new tensor.
+    """
+    t, hq, d = query.shape
+    hkv = k_cache.shape[2]
+    bs = k_cache.shape[1]
+    group = hq // hkv
+    out = torch.empty_like(query)
+    starts = query_start_loc.tolist()
+    ctxs = context_lens.tolist()
+    for i, ctx in enumerate(ctxs):
+        q0, q1 = starts[i], starts[i + 1]
+        q_len = q1 - q0
+        if q_len == 0:
+            continue
+        nblk = (ctx + bs - 1) // bs
+        blocks = block_tables[i, :nblk].long()
+        k = k_cache[blocks].reshape(nblk * bs, hkv, d)[:ctx]  # [L, Hkv, D]
+        v = v_cache[blocks].reshape(nblk * bs, hkv, d)[:ctx]
+        q = query[q0:q1].view(q_len, hkv, group, d).float()
+        scores = torch.einsum("qhgd,lhd->hgql", q, k.float()) * scale  # [Hkv, G, Q, L]
+        q_pos = torch.arange(ctx - q_len, ctx, device=query.device)
+        k_pos = torch.arange(ctx, device=query.device)
+        mask = k_pos[None, :] > q_pos[:, None]  # [Q, L] future tokens
+        scores = scores.masked_fill(mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        o = torch.einsum("hgql,lhd->qhgd", probs, v.float())
+        out[q0:q1] = o.reshape(q_len, hq, d).to(query.dtype)
+    return out
+
+
+def pack_blocks(
+    k_cache: torch.Tensor,  # [NB, B, Hkv, D]
+    v_cache: torch.Tensor,  # [NB, B, Hkv, D]
+    block_ids: torch.Tensor,  # [n] int64
+    out: torch.Tensor | None = None,  # [2, n, B, Hkv, D]  (mutated if given)
+) -> torch.Tensor:  # [2, n, B, Hkv, D]
+    """Gather one layer's blocks into one contiguous buffer (K first, then V)."""
+    n = block_ids.numel()
+    if out is None:
+        out = torch.empty((2, n) + tuple(k_cache.shape[1:]), dtype=k_cache.dtype,
+                          device=k_cache.device)
+    torch.index_select(k_cache, 0, block_ids.long(), out=out[0])
+    torch.index_select(v_cache, 0, block_ids.long(), out=out[1])
+    return out
+
+
+def unpack_blocks(
+    buf: torch.Tensor,  # [2, n, B, Hkv, D]
+    k_cache: torch.Tensor,  # [NB, B, Hkv, D]  (mutated)
+    v_cache: torch.Tensor,  # [NB, B, Hkv, D]  (mutated)
+    block_ids: torch.Tensor,  # [n] int64
+) -> None:
+    """Scatter a packed buffer into ``block_ids`` of the caches. Mutates the caches."""
+    k_cache.index_copy_(0, block_ids.long(), buf[0])
+    v_cache.index_copy_(0, block_ids.long(), buf[1])
