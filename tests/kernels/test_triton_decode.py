@@ -1,0 +1,110 @@
+"""Triton paged decode attention against ``reference.paged_decode_attention``.
+
+CPU: Triton's interpreter at small sizes (conftest sets it up). GPU: real
+sizes, bf16 included, and a CUDA-graph capture (which fails on a host sync).
+"""
+
+import os
+import random
+
+import pytest
+import torch
+from pdserve.kernels import reference
+
+triton = pytest.importorskip("triton")
+from pdserve.kernels.triton_decode import (  # noqa: E402
+    DecodeTuning,
+    default_tuning,
+    paged_decode_attention,
+    workspace_numel,
+)
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+interpreter = pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 (no GPU)")
+gpu = pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64; any NaN or inf gives inf."""
+    out64, ref64 = out.double(), ref.double()
+    if not torch.isfinite(out64).all():
+        return float("inf")
+    return ((out64 - ref64).norm() / ref64.norm()).item()
+
+
+def ragged_lens(num_seqs: int, block_size: int, max_len: int) -> list[int]:
+    """Fresh random lengths with a 1 and a length that is not a multiple of the block size."""
+    odd = block_size * random.randint(1, max(1, max_len // block_size - 1)) + random.randint(
+        1, block_size - 1)
+    lens = [1, min(odd, max_len)] + [random.randint(1, max_len) for _ in range(num_seqs - 2)]
+    random.shuffle(lens)
+    return lens
+
+
+def check_decode(paged_cache, lens, hq, hkv, d, bs, dtype, device, tuning=None):
+    k, v, k_bad, v_bad, tables = paged_cache(lens, hkv, d, bs, dtype, device)
+    query = torch.randn(len(lens), hq, d, dtype=dtype, device=device)
+    ctx = torch.tensor(lens, dtype=torch.int32, device=device)
+    scale = d ** -0.5
+    ref = reference.paged_decode_attention(query.float(), k.float(), v.float(), tables, ctx, scale)
+    out = torch.full_like(query, float("nan"))
+    plan = tuning or default_tuning(len(lens), hkv, tables.shape[1], bs, query.device)
+    parts = triton.cdiv(tables.shape[1] * bs, plan.partition_size)
+    ws = torch.full((workspace_numel(len(lens), hq, d, parts),), float("nan"), device=device)
+    got = paged_decode_attention(query, k_bad, v_bad, tables, ctx, scale, out=out, workspace=ws,
+                                 tuning=tuning)
+    assert got is out
+    err = rel_err(got, ref)
+    assert err < TOLERANCE[dtype], f"rel err {err:.2e} lens={lens}"
+
+
+HEADS = [(8, 2, 64, 16), (4, 4, 128, 32), (6, 2, 64, 32)]  # (Hq, Hkv, D, block size)
+
+
+@interpreter
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("hq,hkv,d,bs", HEADS)
+@pytest.mark.parametrize("split", [True, False])
+def test_decode_interpreter(paged_cache, dtype, hq, hkv, d, bs, split):
+    lens = ragged_lens(4, bs, 150)
+    # split: partitions of 32 tokens, 16 per step; else one partition for the whole context
+    tuning = DecodeTuning(32, 16) if split else DecodeTuning(1024, 32)
+    check_decode(paged_cache, lens, hq, hkv, d, bs, dtype, "cpu", tuning)
+
+
+@interpreter
+def test_decode_interpreter_default_tuning(paged_cache):
+    check_decode(paged_cache, ragged_lens(3, 16, 300), 4, 2, 64, 16, torch.float16, "cpu")
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("d,bs", [(128, 16), (64, 32), (128, 32)])
+def test_decode_gpu(paged_cache, dtype, d, bs):
+    lens = ragged_lens(16, bs, 4096)
+    check_decode(paged_cache, lens, 32, 8, d, bs, dtype, "cuda")
+    check_decode(paged_cache, [random.randint(20000, 33000)], 32, 8, d, bs, dtype, "cuda")
+
+
+@gpu
+@pytest.mark.gpu
+def test_decode_gpu_cuda_graph(paged_cache):
+    """Capture fails on any host sync; replay must follow new context lengths."""
+    lens = ragged_lens(8, 16, 2048)
+    k, v, _, _, tables = paged_cache(lens, 8, 128, 16, torch.bfloat16, "cuda")
+    query = torch.randn(8, 32, 128, dtype=torch.bfloat16, device="cuda")
+    ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    out = torch.empty_like(query)
+    paged_decode_attention(query, k, v, tables, ctx, 0.1, out=out)  # compile outside capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        paged_decode_attention(query, k, v, tables, ctx, 0.1, out=out)
+    ctx.copy_(torch.tensor([max(1, n - 7) for n in lens], dtype=torch.int32))
+    query.copy_(torch.randn_like(query))
+    out.fill_(float("nan"))
+    graph.replay()
+    ref = reference.paged_decode_attention(query.float(), k.float(), v.float(), tables, ctx, 0.1)
+    assert rel_err(out, ref) < TOLERANCE[torch.bfloat16]

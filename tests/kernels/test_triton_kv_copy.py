@@ -1,0 +1,108 @@
+"""Triton KV store and block pack/unpack against the torch references (bit-exact).
+
+CPU: Triton's interpreter (conftest sets it up). GPU: real sizes, bf16 included.
+"""
+
+import os
+
+import pytest
+import torch
+from pdserve.kernels import reference
+
+pytest.importorskip("triton")
+from pdserve.kernels.triton_blocks import pack_blocks, unpack_blocks  # noqa: E402
+from pdserve.kernels.triton_store import store_kv  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+interpreter = pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 (no GPU)")
+gpu = pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def assert_same(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Equal bit for bit (NaN where the other has NaN)."""
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+def check_store(num_tokens, hkv, d, bs, src_dtype, cache_dtype, device, strided_src=False):
+    num_blocks = (num_tokens + bs - 1) // bs + 4
+    slots = torch.randperm(num_blocks * bs, device=device)[:num_tokens]
+    if strided_src:  # key/value as slices of one fused [T, Hq + 2 Hkv, D] projection
+        qkv = torch.randn(num_tokens, 4 + 2 * hkv, d, dtype=src_dtype, device=device)
+        key, value = qkv[:, 4:4 + hkv], qkv[:, 4 + hkv:]
+    else:
+        key = torch.randn(num_tokens, hkv, d, dtype=src_dtype, device=device)
+        value = torch.randn(num_tokens, hkv, d, dtype=src_dtype, device=device)
+    shape = (num_blocks, bs, hkv, d)
+    k_cache = torch.full(shape, float("nan"), dtype=cache_dtype, device=device)
+    v_cache = torch.full(shape, float("nan"), dtype=cache_dtype, device=device)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    reference.store_kv(key, value, k_ref, v_ref, slots)
+    store_kv(key, value, k_cache, v_cache, slots)
+    assert_same(k_cache, k_ref)
+    assert_same(v_cache, v_ref)
+
+
+def check_pack_unpack(num_blocks, n, bs, hkv, d, dtype, device, layout):
+    shape = (num_blocks, bs, hkv, d)
+    if layout == "interleaved":  # [NB, 2, B, H, D] with K and V views: strided blocks
+        kv = torch.randn((num_blocks, 2) + shape[1:], device=device).to(dtype)
+        k_cache, v_cache = kv[:, 0], kv[:, 1]
+    elif layout == "head_sliced":  # blocks not contiguous: falls back to torch
+        k_cache = torch.randn(shape[:2] + (hkv + 1, d), device=device).to(dtype)[:, :, 1:]
+        v_cache = torch.randn(shape[:2] + (hkv + 1, d), device=device).to(dtype)[:, :, 1:]
+    else:
+        k_cache = torch.randn(shape, device=device).to(dtype)
+        v_cache = torch.randn(shape, device=device).to(dtype)
+    ids = torch.randperm(num_blocks, device=device)[:n]
+
+    out = torch.full((2, n) + shape[1:], float("nan"), device=device).to(dtype)
+    got = pack_blocks(k_cache, v_cache, ids, out)
+    assert got is out
+    assert_same(out, reference.pack_blocks(k_cache, v_cache, ids))
+    assert_same(pack_blocks(k_cache, v_cache, ids), out)
+
+    buf = torch.randn((2, n) + shape[1:], device=device).to(dtype)
+    k_cache.fill_(float("nan"))
+    v_cache.fill_(float("nan"))
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    reference.unpack_blocks(buf, k_ref, v_ref, ids)
+    unpack_blocks(buf, k_cache, v_cache, ids)
+    assert_same(k_cache, k_ref)
+    assert_same(v_cache, v_ref)
+
+
+@interpreter
+@pytest.mark.parametrize("src_dtype,cache_dtype", [(torch.float16, torch.float16),
+                                                   (torch.float32, torch.float32),
+                                                   (torch.float32, torch.float16)])
+@pytest.mark.parametrize("hkv,d,bs", [(2, 64, 16), (3, 64, 32), (1, 128, 16)])
+def test_store_kv_interpreter(src_dtype, cache_dtype, hkv, d, bs):
+    check_store(37, hkv, d, bs, src_dtype, cache_dtype, "cpu")
+
+
+@interpreter
+def test_store_kv_interpreter_strided_source():
+    check_store(21, 2, 64, 16, torch.float16, torch.float16, "cpu", strided_src=True)
+
+
+@interpreter
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "interleaved", "head_sliced"])
+def test_pack_unpack_interpreter(dtype, layout):
+    check_pack_unpack(13, 7, 16, 3, 64, dtype, "cpu", layout)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_store_kv_gpu(dtype):
+    check_store(5000, 8, 128, 16, dtype, dtype, "cuda")
+    check_store(777, 8, 128, 32, dtype, dtype, "cuda", strided_src=True)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("layout", ["contiguous", "interleaved"])
+def test_pack_unpack_gpu(dtype, layout):
+    check_pack_unpack(3000, 1000, 16, 8, 128, dtype, "cuda", layout)
