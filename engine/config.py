@@ -40,7 +40,10 @@ class ModelConfig:
         if rope_type not in ("default", "llama3", "linear"):
             raise ValueError(f"unsupported rope type {rope_type!r} (default, llama3, linear)")
         eos = getattr(cfg, "eos_token_id", None)
-        eos_ids = tuple(eos) if isinstance(eos, list | tuple) else ((eos,) if eos is not None else ())
+        if isinstance(eos, list | tuple):
+            eos_ids = tuple(eos)
+        else:
+            eos_ids = (eos,) if eos is not None else ()
         model_type = cfg.model_type
         bias = bool(getattr(cfg, "attention_bias", model_type == "qwen2"))
         return ModelConfig(

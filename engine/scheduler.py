@@ -43,6 +43,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}  # every unfinished request
+        self.num_preemptions = 0  # since start, for tests and metrics
 
     # ---- admission -----------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -186,6 +187,7 @@ class Scheduler:
         self.kv.free(req)
         req.num_computed_tokens = 0
         req.num_preemptions += 1
+        self.num_preemptions += 1
         req.status = RequestStatus.PREEMPTED
         self.waiting.appendleft(req)
 
