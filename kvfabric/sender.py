@@ -1,0 +1,227 @@
+"""The prefill side of the KV plane: one persistent connection to one decode receiver.
+
+    sender = KVSender(address, token, identity, transport="tcp")   # connects + handshakes
+    for layer in range(L):                  # as each layer's KV is computed
+        sender.send_layer(plan, layer, k_cache, v_cache)
+    sender.finish(plan, payload)            # e.g. the first token, for the decode side
+    sender.abort(plan)                      # instead of finish, on the prefill side's abort
+
+A background thread reads the connection: CANCEL frames (the receiver no
+longer expects a transfer: later calls for it raise FabricTransferCancelled,
+and for nixl the in-flight writes are waited for, then CANCEL_ACK is sent)
+and the connection's end (later calls raise FabricPeerError).
+Keep one KVSender per decode peer; it is safe to call from one thread at a time.
+"""
+
+import socket
+import threading
+
+import torch
+
+from pdserve.kvfabric.descriptors import FabricIdentity, TransferPlan
+from pdserve.kvfabric.errors import FabricHandshakeError, FabricPeerError, FabricTransferCancelled
+from pdserve.kvfabric.frames import (
+    ABORT,
+    CANCEL,
+    CANCEL_ACK,
+    FINISH,
+    HELLO,
+    WELCOME,
+    FrameHeader,
+    Hello,
+    ProtocolError,
+    decode_welcome,
+    encode_header,
+    encode_msg,
+    encode_raw_header,
+    read_control_payload,
+    read_header,
+)
+from pdserve.kvfabric.transport import Transport, resolve_transport
+
+MAX_REMEMBERED_CANCELS = 4096
+
+
+class KVSender:
+    """Connects to ``address`` ("host:port") and handshakes in the constructor.
+
+    Raises FabricHandshakeError (refused: the message names why) or
+    FabricPeerError (unreachable).
+    """
+
+    def __init__(self, address: str, token: str, identity: FabricIdentity,
+                 transport: str | Transport = "tcp", connect_timeout_s: float = 5.0) -> None:
+        self.address = address
+        self.identity = identity
+        self._transport = resolve_transport(transport)
+        self._path = self._transport.sender_path(identity)
+        self._state_lock = threading.Lock()  # cancelled set + posting of one-sided writes
+        self._send_lock = threading.Lock()  # one frame at a time on the socket
+        self._cancelled: dict[str, str] = {}  # transfer_id -> receiver's reason
+        self._dead: str | None = None
+        self.bytes_sent = 0
+        host, port = address.rsplit(":", 1)
+        try:
+            self._sock = socket.create_connection((host, int(port)), timeout=connect_timeout_s)
+        except OSError as e:
+            raise FabricPeerError(f"cannot reach KV receiver {address}: {e}") from e
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            self._handshake(token)
+        except BaseException:
+            self._sock.close()
+            self._path.close()
+            raise
+        self._sock.settimeout(None)
+        self._reader = threading.Thread(target=self._read_loop, daemon=True,
+                                        name=f"kvsend-{address}")
+        self._reader.start()
+
+    def _handshake(self, token: str) -> None:
+        hello = encode_msg(Hello(token=token, identity=self.identity,
+                                 transport=self._transport.name,
+                                 agent_name=self._path.agent_name))
+        try:
+            self._sock.sendall(encode_header(HELLO, len(hello)) + hello)
+            h = read_header(self._sock)
+            if h.kind != WELCOME:
+                raise ProtocolError(f"expected WELCOME, got kind {h.kind}")
+            welcome = decode_welcome(read_control_payload(self._sock, h))
+        except (EOFError, OSError, ProtocolError) as e:
+            raise FabricHandshakeError(f"KV receiver {self.address} closed the handshake: "
+                                       f"{e}") from e
+        if not welcome.ok:
+            raise FabricHandshakeError(f"KV receiver {self.address} refused: {welcome.error}")
+        self.remote_num_blocks = welcome.num_blocks
+        self._path.attach(welcome)
+
+    # -- public API --
+
+    def send_layer(self, plan: TransferPlan, layer_idx: int, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor) -> int:
+        """Send the plan's src blocks of layer ``layer_idx``; returns the KV bytes sent.
+
+        ``k_cache``/``v_cache``: that layer's ``[NB, B, Hkv, D]`` caches (read only).
+        tcp: returns once the bytes are in the socket. nixl: returns once the
+        write is posted; the src blocks must stay unchanged until finish/abort.
+        Mutates ``bytes_sent``. Raises FabricPeerError (peer gone),
+        FabricTransferCancelled (receiver cancelled it), ValueError (bad plan).
+        """
+        self._check_plan(plan, k_cache)
+        if not 0 <= layer_idx < plan.num_layers:
+            raise ValueError(f"layer {layer_idx} out of range 0..{plan.num_layers - 1}")
+        if plan.num_blocks == 0:
+            return 0
+        with self._state_lock:
+            self._check_usable(plan)
+            if self._path.one_sided:  # posted under the lock: a CANCEL waits for it
+                nbytes = self._path.send_layer(plan, layer_idx, k_cache, v_cache,
+                                               self._send_frame)
+        if not self._path.one_sided:
+            nbytes = self._path.send_layer(plan, layer_idx, k_cache, v_cache, self._send_frame)
+        self.bytes_sent += nbytes
+        return nbytes
+
+    def finish(self, plan: TransferPlan, payload: bytes = b"") -> None:
+        """Send the completion frame carrying ``payload`` (small, opaque) after every layer.
+
+        Waits for the plan's in-flight writes (nixl). Raises like ``send_layer``.
+        """
+        self._check_usable(plan)
+        self._path.wait_writes(self._take_writes(plan))
+        self._send_frame(encode_header(FINISH, len(payload), plan), memoryview(payload))
+
+    def abort(self, plan: TransferPlan, reason: str = "aborted by the prefill side") -> None:
+        """Tell the receiver to fail the transfer; later calls for it raise
+        FabricTransferCancelled. Sends nothing if the peer is already gone.
+        """
+        with self._state_lock:
+            self._cancelled[plan.transfer_id] = reason
+        try:
+            self._path.wait_writes(self._take_writes(plan))
+        except FabricPeerError:
+            pass
+        data = reason.encode()
+        if self._dead is None:
+            try:
+                self._send_frame(encode_header(ABORT, len(data), plan), memoryview(data))
+            except FabricPeerError:
+                pass
+
+    @property
+    def is_alive(self) -> bool:
+        return self._dead is None
+
+    def close(self) -> None:
+        """Wait for in-flight writes, then close the connection. Idempotent."""
+        self._path.close()
+        self._dead = self._dead or "closed by the prefill side"
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+        self._reader.join(timeout=2.0)
+
+    def __enter__(self) -> "KVSender":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- internals --
+
+    def _check_plan(self, plan: TransferPlan, k_cache: torch.Tensor) -> None:
+        if plan.src_block_ids is None:
+            raise ValueError(f"plan {plan.transfer_id} has no src block ids")
+        if plan.num_layers != self.identity.num_layers:
+            raise ValueError(f"plan {plan.transfer_id} has {plan.num_layers} layers, "
+                             f"identity {self.identity.num_layers}")
+        if plan.src_block_ids and max(plan.src_block_ids) >= k_cache.shape[0]:
+            raise ValueError(f"plan {plan.transfer_id}: src block {max(plan.src_block_ids)} "
+                             f">= {k_cache.shape[0]} blocks")
+
+    def _check_usable(self, plan: TransferPlan) -> None:
+        if self._dead is not None:
+            raise FabricPeerError(f"KV receiver {self.address}: {self._dead}")
+        reason = self._cancelled.get(plan.transfer_id)
+        if reason is not None:
+            raise FabricTransferCancelled(f"transfer {plan.transfer_id}: {reason}")
+
+    def _take_writes(self, plan: TransferPlan) -> list:
+        with self._state_lock:
+            return self._path.take_writes(plan.transfer_id)
+
+    def _send_frame(self, header: bytes, payload: memoryview | None) -> None:
+        try:
+            with self._send_lock:
+                self._sock.sendall(header)
+                if payload is not None and len(payload):
+                    self._sock.sendall(payload)
+        except OSError as e:
+            self._dead = self._dead or f"connection failed ({e})"
+            raise FabricPeerError(f"KV receiver {self.address}: {self._dead}") from e
+
+    def _read_loop(self) -> None:
+        try:
+            while True:
+                h = read_header(self._sock)
+                reason = read_control_payload(self._sock, h).decode(errors="replace")
+                if h.kind != CANCEL:
+                    raise ProtocolError(f"unexpected frame kind {h.kind} from the receiver")
+                with self._state_lock:
+                    self._cancelled[h.transfer_id] = reason
+                    while len(self._cancelled) > MAX_REMEMBERED_CANCELS:
+                        self._cancelled.pop(next(iter(self._cancelled)))
+                    writes = self._path.take_writes(h.transfer_id)
+                try:
+                    self._path.wait_writes(writes)
+                except FabricPeerError:
+                    pass
+                ack = FrameHeader(CANCEL_ACK, h.transfer_id, h.request_id, -1, h.attempt,
+                                  h.dst_digest, 0)
+                with self._send_lock:
+                    self._sock.sendall(encode_raw_header(ack))
+        except (EOFError, OSError, ProtocolError) as e:
+            self._dead = self._dead or ("receiver closed the connection"
+                                        if isinstance(e, EOFError) else f"connection failed ({e})")

@@ -1,0 +1,218 @@
+"""The decode side's table of expected transfers: one small state machine each.
+
+    expect ──> RECEIVING ──(all layers + FINISH)──────────────> on_complete
+                   │
+                   ├─(ABORT / peer died)──────────────────────> on_error
+                   └─(cancel / time-out / bad frame)─> DRAINING ─(acks, or grace over)─> on_error
+
+DRAINING exists for one-sided (nixl) peers only: their writes land without
+us, so we wait until each such peer confirmed (CANCEL_ACK) that nothing of
+the transfer is still in flight. Either way, a transfer's blocks may be
+reused once its callback has run, and nothing is written into them by us
+after it left RECEIVING. Exactly one callback runs per expected transfer.
+
+All methods take the table's lock and return the callbacks to run; the
+caller runs them after the lock is released (``run_actions``).
+"""
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from pdserve.kvfabric.descriptors import FabricIdentity, TransferPlan
+from pdserve.kvfabric.frames import FrameHeader, dst_digest
+
+log = logging.getLogger(__name__)
+Action = Callable[[], None]
+DRAIN_GRACE_S = 5.0
+
+
+@dataclass(eq=False)
+class Pending:
+    plan: TransferPlan
+    dst_index: torch.Tensor  # [n] int64 on the KV device
+    on_complete: Callable[[TransferPlan, bytes], None]
+    on_error: Callable[[TransferPlan, str], None]
+    deadline: float
+    timeout_s: float
+    layer_bytes: int
+    digest: int
+    layers_seen: list[bool]
+    num_layers_seen: int = 0
+    payload: bytes | None = None
+    owner: object | None = None  # the connection its frames came on
+    failed: str | None = None  # reason, once it left RECEIVING
+    drain_from: set = field(default_factory=set)  # one-sided peers yet to ack
+    drain_deadline: float = 0.0
+
+
+def check_frame(t: Pending, h: FrameHeader, is_layer: bool) -> str | None:
+    """Why frame ``h`` is wrong for transfer ``t``, or None. Pure."""
+    if h.request_id != t.plan.request_id:
+        return f"request_id mismatch: frame {h.request_id!r}, expected {t.plan.request_id!r}"
+    if h.attempt != t.plan.attempt:
+        return f"attempt mismatch: frame {h.attempt}, expected {t.plan.attempt}"
+    if h.dst_digest != t.digest:
+        return "dst block ids differ between prefill and decode plans"
+    if not is_layer:
+        return None
+    if not 0 <= h.layer < t.plan.num_layers:
+        return f"layer {h.layer} out of range 0..{t.plan.num_layers - 1}"
+    if t.layers_seen[h.layer]:
+        return f"layer {h.layer} received twice"
+    if h.nbytes != t.layer_bytes:
+        return f"layer {h.layer} has {h.nbytes} bytes, expected {t.layer_bytes}"
+    return None
+
+
+class TransferTable:
+    """Expected transfers by id, with byte counters. Thread-safe."""
+
+    def __init__(self, identity: FabricIdentity,
+                 one_sided_peers: Callable[[], list]) -> None:
+        self.identity = identity
+        self._one_sided_peers = one_sided_peers  # live connections whose writes are one-sided
+        self._lock = threading.Lock()
+        self._pending: dict[str, Pending] = {}
+        self.bytes_received = 0
+        self.num_dropped_frames = 0
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def add(self, t: Pending) -> None:
+        """Start expecting ``t``. Raises ValueError if its id is already expected."""
+        with self._lock:
+            if t.plan.transfer_id in self._pending:
+                raise ValueError(f"transfer {t.plan.transfer_id} is already expected")
+            self._pending[t.plan.transfer_id] = t
+
+    def new_pending(self, plan, dst_index, on_complete, on_error, timeout_s) -> Pending:
+        """A Pending for ``plan`` (not added). Pure."""
+        n = plan.num_layers if plan.num_blocks else 0
+        return Pending(plan, dst_index, on_complete, on_error, time.monotonic() + timeout_s,
+                       timeout_s, layer_bytes=2 * plan.num_blocks * self.identity.bytes_per_block,
+                       digest=dst_digest(plan.dst_block_ids),
+                       layers_seen=[False] * plan.num_layers if n else [True] * plan.num_layers,
+                       num_layers_seen=plan.num_layers - n)
+
+    def precheck_layer(self, h: FrameHeader) -> tuple[bool, list[Action]]:
+        """Before reading a layer's payload: (worth reading, actions). Fails a bad transfer."""
+        with self._lock:
+            t = self._pending.get(h.transfer_id)
+            if t is None or t.failed:
+                self.num_dropped_frames += 1
+                return False, []
+            reason = check_frame(t, h, is_layer=True)
+            return reason is None, ([] if reason is None else self._fail(t, reason, drain=True))
+
+    def layer_arrived(self, conn, h: FrameHeader,
+                      write: Callable[[Pending], None] | None) -> list[Action]:
+        """A layer landed (nixl) or is staged (tcp: ``write`` scatters it, under the lock)."""
+        with self._lock:
+            t = self._pending.get(h.transfer_id)
+            if t is None or t.failed:
+                self.num_dropped_frames += 1
+                return []
+            t.owner = conn
+            reason = check_frame(t, h, is_layer=True)
+            if reason is not None:
+                return self._fail(t, reason, drain=True)
+            if write is not None:
+                write(t)
+            t.layers_seen[h.layer] = True
+            t.num_layers_seen += 1
+            self.bytes_received += h.nbytes
+            return self._maybe_complete(t)
+
+    def finish_arrived(self, conn, h: FrameHeader, payload: bytes) -> list[Action]:
+        with self._lock:
+            t = self._pending.get(h.transfer_id)
+            if t is None or t.failed:
+                self.num_dropped_frames += 1
+                return []
+            t.owner = conn
+            reason = check_frame(t, h, is_layer=False)
+            if reason is not None:
+                return self._fail(t, reason, drain=True)
+            t.payload = payload
+            return self._maybe_complete(t)
+
+    def fail(self, transfer_id: str, reason: str, drain: bool = True) -> list[Action] | None:
+        """Fail a transfer (cancel, abort, bad frame). None if it is not expected."""
+        with self._lock:
+            t = self._pending.get(transfer_id)
+            return None if t is None or t.failed else self._fail(t, reason, drain)
+
+    def peer_acked(self, conn, transfer_id: str) -> list[Action]:
+        with self._lock:
+            t = self._pending.get(transfer_id)
+            if t is None or not t.failed:
+                return []
+            t.drain_from.discard(conn)
+            return self._maybe_drained(t)
+
+    def peer_lost(self, conn, reason: str) -> list[Action]:
+        """Fail the transfers whose frames came from ``conn``; stop waiting for its acks."""
+        actions: list[Action] = []
+        with self._lock:
+            for t in list(self._pending.values()):
+                if t.failed:
+                    t.drain_from.discard(conn)
+                    actions += self._maybe_drained(t)
+                elif t.owner is conn:
+                    actions += self._fail(t, reason, drain=False)
+        return actions
+
+    def expire(self, now: float) -> list[Action]:
+        """Time out overdue transfers, and finish drains whose grace is over."""
+        actions: list[Action] = []
+        with self._lock:
+            for t in list(self._pending.values()):
+                if t.failed is None and now >= t.deadline:
+                    actions += self._fail(t, f"timed out after {t.timeout_s:g} s", drain=True)
+                elif t.failed and now >= t.drain_deadline:
+                    t.failed += " (a peer did not confirm the cancel in time)"
+                    t.drain_from.clear()
+                    actions += self._maybe_drained(t)
+        return actions
+
+    # -- lock held below --
+
+    def _fail(self, t: Pending, reason: str, drain: bool) -> list[Action]:
+        t.failed = reason
+        actions: list[Action] = []
+        peers = [t.owner] if t.owner is not None else self._one_sided_peers()
+        for conn in peers:
+            actions.append(lambda c=conn: c.send_cancel(t.plan, reason))
+        if drain:
+            t.drain_from = {c for c in peers if c in set(self._one_sided_peers())}
+            t.drain_deadline = time.monotonic() + DRAIN_GRACE_S
+        return actions + self._maybe_drained(t)
+
+    def _maybe_drained(self, t: Pending) -> list[Action]:
+        if t.drain_from:
+            return []
+        del self._pending[t.plan.transfer_id]
+        return [lambda: t.on_error(t.plan, t.failed)]
+
+    def _maybe_complete(self, t: Pending) -> list[Action]:
+        if t.num_layers_seen < t.plan.num_layers or t.payload is None:
+            return []
+        del self._pending[t.plan.transfer_id]
+        payload = t.payload
+        return [lambda: t.on_complete(t.plan, payload)]
+
+
+def run_actions(actions: list[Action]) -> None:
+    """Run callbacks outside any lock; a raising callback is logged, not propagated."""
+    for action in actions:
+        try:
+            action()
+        except Exception:
+            log.exception("KV fabric callback raised")

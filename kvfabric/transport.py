@@ -1,0 +1,108 @@
+"""Transports by name: how a layer's bytes get from prefill KV memory to decode KV memory.
+
+The side channel (a TCP connection per sender/receiver pair, ``frames.py``)
+is common to every transport: it carries the handshake, the finish and abort
+frames, cancels, and tells each side when its peer dies. A transport adds
+the data path for LAYER data:
+
+    tcp   the packed layer travels on the side channel itself (``tcp.py``)
+    nixl  a one-sided NIXL WRITE from registered prefill KV memory straight
+          into registered decode KV memory; its notification is the LAYER
+          header (``nixl.py``)
+
+``get_transport(name)`` returns a fresh transport object; pass the same
+object to several ``KVSender``s to share one NIXL agent and registration.
+"""
+
+from collections.abc import Callable
+
+import torch
+
+from pdserve.kvfabric.descriptors import FabricIdentity, TransferPlan
+from pdserve.kvfabric.frames import Welcome
+
+SendFrame = Callable[[bytes, memoryview | None], None]
+
+
+class SenderPath:
+    """The prefill side of a data path, bound to one receiver.
+
+    ``one_sided`` paths write into the receiver's memory without the receiver
+    touching the bytes; the receiver then drains them (CANCEL / CANCEL_ACK)
+    before it reports a transfer failed.
+    """
+
+    one_sided = False
+    agent_name = ""
+
+    def attach(self, welcome: Welcome) -> None:
+        """Learn the receiver's memory from its Welcome. Mutates the path."""
+
+    def send_layer(self, plan: TransferPlan, layer_idx: int, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, send_frame: SendFrame) -> int:
+        """Move the plan's src blocks of one layer; returns the KV bytes moved."""
+        raise NotImplementedError
+
+    def take_writes(self, transfer_id: str) -> list:
+        """Remove and return the writes still in flight for a transfer."""
+        return []
+
+    def wait_writes(self, writes: list) -> None:
+        """Block until ``writes`` are done. Raises FabricPeerError if one failed."""
+
+    def close(self) -> None:
+        """Release what the path holds. Idempotent."""
+
+
+class ReceiverPath:
+    """The decode side of a data path: what the receiver offers in its Welcome."""
+
+    def welcome_fields(self) -> dict:
+        """Extra Welcome fields (memory descriptors). Pure."""
+        return {}
+
+    def poll_notifications(self) -> list[tuple[str, bytes]]:
+        """(sender agent name, notification) pairs that arrived since the last call."""
+        return []
+
+    @property
+    def has_notifications(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        """Release what the path holds. Idempotent."""
+
+
+class Transport:
+    """A named factory of data paths."""
+
+    name = ""
+
+    def sender_path(self, identity: FabricIdentity) -> SenderPath:
+        raise NotImplementedError
+
+    def receiver_path(self, identity: FabricIdentity,
+                      kv_layers: list[tuple[torch.Tensor, torch.Tensor]]) -> ReceiverPath:
+        raise NotImplementedError
+
+
+def get_transport(name: str) -> Transport:
+    """A new transport object by name (``"tcp"`` or ``"nixl"``).
+
+    Raises ValueError for an unknown name and FabricTransportUnavailable
+    (an ImportError naming the package) when its package is missing.
+    """
+    if name == "tcp":
+        from pdserve.kvfabric.tcp import TcpTransport
+        return TcpTransport()
+    if name == "nixl":
+        from pdserve.kvfabric.nixl import NixlTransport
+        return NixlTransport()
+    raise ValueError(f"unknown KV transport {name!r}; choose one of {list(TRANSPORT_NAMES)}")
+
+
+TRANSPORT_NAMES = ("tcp", "nixl")
+
+
+def resolve_transport(transport: str | Transport) -> Transport:
+    return get_transport(transport) if isinstance(transport, str) else transport
