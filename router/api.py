@@ -18,16 +18,19 @@ A client's ``X-Request-Id`` is echoed back, never used as the internal id.
 
 import asyncio
 import contextlib
+import logging
+import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
 
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from pdserve.engine.messages import TokenDelta
-from pdserve.router.dispatcher import Dispatcher
+from pdserve.router.dispatcher import Dispatcher, DispatchError
 from pdserve.router.metrics import CLIENT_CLOSED, RequestTracker, RouterMetrics
 from pdserve.router.protocol import (
     ApiError,
@@ -38,11 +41,14 @@ from pdserve.router.protocol import (
 )
 from pdserve.router.sse import SSE_DONE, ResponseBuilder, sse_event
 
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 _ID_PREFIX = {"chat": "chatcmpl-", "completion": "cmpl-"}
 
 
 def _error_response(err: ApiError, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status_code, headers=headers)
+    return JSONResponse(err.body(), status_code=err.status_code,
+                        headers={**(headers or {}), **err.headers})
 
 
 def _check_auth(request: Request, api_keys: frozenset[str]) -> None:
@@ -60,34 +66,53 @@ async def _abort(dispatcher: Dispatcher, request_id: str) -> None:
         await dispatcher.abort(request_id)
 
 
+def _dispatch_error(err: DispatchError) -> ApiError:
+    headers = {} if err.retry_after_s is None else {
+        "Retry-After": str(max(1, math.ceil(err.retry_after_s)))}
+    kind = "rate_limit_error" if err.status_code == 429 else "server_error"
+    return ApiError(err.status_code, err.message, type=kind, headers=headers,
+                    code="server_overloaded" if err.status_code == 429 else "unavailable")
+
+
+async def _next(deltas: AsyncIterator[TokenDelta], deadline: float | None) -> TokenDelta:
+    """The next delta, or ``ApiError`` (504 past the deadline, 5xx on any failure)."""
+    try:
+        if deadline is None:
+            return await anext(deltas)
+        return await asyncio.wait_for(anext(deltas), max(0.0, deadline - time.time()))
+    except StopAsyncIteration:
+        raise ApiError(500, "the worker's stream ended before the request finished",
+                       type="server_error", code="internal_error") from None
+    except asyncio.TimeoutError:
+        raise ApiError(504, "the request timed out", type="timeout_error",
+                       code="request_timeout") from None
+    except DispatchError as err:
+        raise _dispatch_error(err) from None
+    except ApiError:
+        raise
+    except Exception as err:
+        logger.exception("dispatcher failed")
+        raise ApiError(500, f"internal error: {err}", type="server_error",
+                       code="internal_error") from None
+
+
 async def relay(dispatcher: Dispatcher, request_id: str, req: GenerationRequest,
                 deadline: float | None, tracker: RequestTracker) -> AsyncIterator[TokenDelta]:
-    """Deltas of one request until the finished one. Raises ``ApiError`` 504 past the
-    deadline and 500 on a delta with ``error``; aborts the request on any early exit."""
+    """Deltas of one request until the finished one. Raises ``ApiError`` (504 past the
+    deadline, 5xx on a delta with ``error`` or a failing dispatcher); aborts the request
+    on every exit before a finished delta."""
     finished = False
     tracker.begin()
     deltas = dispatcher.generate(request_id, req.prompt_token_ids, req.sampling, deadline)
     try:
-        while True:
-            try:
-                if deadline is None:
-                    delta = await anext(deltas)
-                else:
-                    delta = await asyncio.wait_for(anext(deltas), max(0.0, deadline - time.time()))
-            except StopAsyncIteration:
-                raise ApiError(500, "the worker's stream ended before the request finished",
-                               type="server_error", code="internal_error") from None
-            except asyncio.TimeoutError:
-                raise ApiError(504, "the request timed out", type="timeout_error",
-                               code="request_timeout") from None
+        while not finished:
+            delta = await _next(deltas, deadline)
             if delta.error:
                 raise ApiError(500, f"the request failed: {delta.error}", type="server_error",
                                code="internal_error")
             tracker.on_tokens(len(delta.token_ids))
             finished = delta.finished
             yield delta
-            if finished:
-                return
     finally:
         if not finished:
             await _abort(dispatcher, request_id)
@@ -95,19 +120,22 @@ async def relay(dispatcher: Dispatcher, request_id: str, req: GenerationRequest,
             await deltas.aclose()
 
 
-async def _stream(deltas: AsyncIterator[TokenDelta], builder: ResponseBuilder,
-                  tracker: RequestTracker, num_prompt_tokens: int) -> AsyncIterator[str]:
-    """SSE text of one request; ends with [DONE] or an error event."""
+async def _stream(first: TokenDelta, deltas: AsyncIterator[TokenDelta], builder: ResponseBuilder,
+                  tracker: RequestTracker) -> AsyncIterator[str]:
+    """SSE text of one request whose ``first`` delta is already in; ends with [DONE] or
+    an error event."""
     status = CLIENT_CLOSED  # unless we get to the end
     try:
-        first = builder.first_chunk()
-        if first is not None:
-            yield sse_event(first)
+        opening = builder.first_chunk()
+        if opening is not None:
+            yield sse_event(opening)
         try:
-            async for delta in deltas:
+            delta: TokenDelta | None = first
+            while delta is not None:
                 chunk = builder.chunk(delta)
                 if chunk is not None:
                     yield sse_event(chunk)
+                delta = await anext(deltas, None)
         except ApiError as err:
             status = err.status_code
             yield sse_event(err.body())
@@ -117,9 +145,21 @@ async def _stream(deltas: AsyncIterator[TokenDelta], builder: ResponseBuilder,
         yield SSE_DONE
         status = 200
     finally:
-        tracker.finish(status, num_prompt_tokens)
+        tracker.finish(status, builder.num_prompt_tokens)
         with anyio.CancelScope(shield=True):
             await deltas.aclose()  # runs relay's abort now rather than at garbage collection
+
+
+class _EventStream(StreamingResponse):
+    """Closes its body iterator however the response ends (disconnect included), so the
+    request is aborted at once rather than when the generator is garbage collected."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -127,16 +167,10 @@ async def _wait_disconnect(request: Request) -> None:
         pass
 
 
-async def _collect(request: Request, deltas: AsyncIterator[TokenDelta],
-                   builder: ResponseBuilder) -> dict:
-    """The whole response; cancels generation (so ``relay`` aborts) if the client leaves."""
-
-    async def consume() -> dict:
-        async for delta in deltas:
-            builder.add(delta)
-        return builder.response()
-
-    work = asyncio.ensure_future(consume())
+async def _unless_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
+    """``awaitable``'s result; if the client leaves first, cancel it (a ``relay`` inside
+    then aborts) and raise ``ApiError`` 499. For use before a response has started."""
+    work = asyncio.ensure_future(awaitable)
     gone = asyncio.ensure_future(_wait_disconnect(request))
     try:
         await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -149,6 +183,12 @@ async def _collect(request: Request, deltas: AsyncIterator[TokenDelta],
     if work.cancelled():
         raise ApiError(CLIENT_CLOSED, "the client closed the connection", code="client_closed")
     return work.result()
+
+
+async def _collect(deltas: AsyncIterator[TokenDelta], builder: ResponseBuilder) -> dict:
+    async for delta in deltas:
+        builder.add(delta)
+    return builder.response()
 
 
 def create_app(dispatcher: Dispatcher, api_keys: list[str] | None = None,
@@ -182,15 +222,18 @@ def create_app(dispatcher: Dispatcher, api_keys: list[str] | None = None,
                                   len(req.prompt_token_ids), req.include_usage)
         deltas = relay(dispatcher, request_id, req, deadline, tracker)
         num_prompt = len(req.prompt_token_ids)
-        if req.stream:
-            return StreamingResponse(_stream(deltas, builder, tracker, num_prompt),
-                                     media_type="text/event-stream",
-                                     headers={**echo, "Cache-Control": "no-cache"})
         try:
-            body = await _collect(request, deltas, builder)
+            if req.stream:  # wait for the first token, so an early failure gets its status
+                first = await _unless_disconnected(request, anext(deltas))
+            else:
+                body = await _unless_disconnected(request, _collect(deltas, builder))
         except ApiError as err:
             tracker.finish(err.status_code, num_prompt)
             return _error_response(err, echo)
+        if req.stream:
+            return _EventStream(_stream(first, deltas, builder, tracker),
+                                media_type="text/event-stream",
+                                headers={**echo, "Cache-Control": "no-cache"})
         tracker.finish(200, num_prompt)
         return JSONResponse(body, headers=echo)
 

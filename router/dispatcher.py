@@ -15,6 +15,8 @@ Contract of ``generate``::
 
 * ``request_id`` is minted by the router (unique, never a client's header).
 * ``deadline`` is unix time (``time.time()``) after which workers may abort.
+* Before its first delta, ``generate`` may raise ``DispatchError`` (no worker,
+  overloaded: 429 with Retry-After); the client then gets that status.
 * Stopping iteration early (``aclose``, cancellation) does NOT abort the
   request by itself: the caller must ``await dispatcher.abort(request_id)``,
   which is idempotent and a no-op for a finished or unknown id.
@@ -24,6 +26,18 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol, runtime_checkable
 
 from pdserve.engine.messages import SamplingSpec, TokenDelta
+
+
+class DispatchError(Exception):
+    """The request cannot be served now. ``status_code``: 429 (overloaded; retry after
+    ``retry_after_s``) or 503 (no worker can take it)."""
+
+    def __init__(self, message: str, status_code: int = 503,
+                 retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+        self.retry_after_s = retry_after_s
 
 
 @runtime_checkable

@@ -28,8 +28,10 @@ class ApiError(Exception):
     """An error the client sees as ``{"error": {message, type, param, code}}``."""
 
     def __init__(self, status_code: int, message: str, param: str | None = None,
-                 code: str | None = None, type: str = "invalid_request_error") -> None:
+                 code: str | None = None, type: str = "invalid_request_error",
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
+        self.headers = headers or {}
         self.status_code = status_code
         self.message = message
         self.param = param

@@ -1,12 +1,15 @@
 """Early ends: client disconnects, time-outs and worker errors abort the request and
 free its KV blocks; /health, /status and /metrics."""
 
+import asyncio
 import json
+import time
 
 import httpx
 import pytest
 
 from pdserve.engine.messages import TokenDelta
+from pdserve.router.dispatcher import DispatchError
 
 USER = [{"role": "user", "content": "Tell me a long story about a dragon."}]
 LONG = {"model": "smollm2-135m", "messages": USER, "max_tokens": 500, "temperature": 0,
@@ -160,3 +163,45 @@ def test_metrics(idle, make_server, chat_ids):
     assert _sample(m, p + 'request_duration_seconds_count{endpoint="chat"}') == 1
     assert _sample(m, p + "running_requests") == 0
     assert _sample(m, "pdserve_test_free_blocks") == 512  # the dispatcher's own lines
+
+
+class OverloadedDispatcher(FailingDispatcher):
+    """Refuses every request at admission."""
+
+    async def generate(self, request_id, prompt_token_ids, sampling, deadline):
+        raise DispatchError("all decode workers are full", 429, retry_after_s=2.5)
+        yield  # an async generator, like a real dispatcher's
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_admission_refusal_is_429_with_retry_after(idle, make_server, stream):
+    s = make_server(OverloadedDispatcher(idle))
+    r = httpx.post(s.url + "/v1/chat/completions", json={**LONG, "stream": stream}, timeout=30)
+    assert r.status_code == 429
+    assert r.headers["retry-after"] == "3"
+    assert r.json() == {"error": {"message": "all decode workers are full",
+                                  "type": "rate_limit_error", "param": None,
+                                  "code": "server_overloaded"}}
+
+
+class StuckDispatcher(FailingDispatcher):
+    """Accepts requests and never produces a token."""
+
+    async def generate(self, request_id, prompt_token_ids, sampling, deadline):
+        await asyncio.Event().wait()
+        yield
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_disconnect_before_first_token_aborts(idle, make_server, stream):
+    s = make_server(StuckDispatcher(idle))
+    before = len(idle.aborted_ids)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(s.url + "/v1/chat/completions", json={**LONG, "stream": stream}, timeout=0.5)
+    end = time.monotonic() + 5
+    while len(idle.aborted_ids) == before and time.monotonic() < end:
+        time.sleep(0.01)
+    assert len(idle.aborted_ids) == before + 1
+    r = httpx.get(s.url + "/metrics")
+    assert 'pdserve_router_requests_total{endpoint="chat",status="499"} 1.0' in r.text
+    assert "pdserve_router_running_requests 0.0" in r.text
