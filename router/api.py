@@ -13,6 +13,9 @@ One request's life here::
 finished delta: client disconnect (the streaming generator is cancelled; a
 non-streamed request watches ``http.disconnect``), time-out (504 / error
 event), a delta with ``error`` (500 / error event) or any other exception.
+A stream's headers go out with its first token, so a request refused or failed
+before any token gets a real status (429 + Retry-After, 5xx, 504); a failure
+after that ends the stream with ``data: {"error": ...}`` and no ``[DONE]``.
 A client's ``X-Request-Id`` is echoed back, never used as the internal id.
 """
 
