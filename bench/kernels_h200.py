@@ -18,6 +18,7 @@ Prints a table last; writes ``kernels_h200.json`` to $OUT (if set) or bench/resu
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import random
@@ -26,17 +27,18 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from triton.testing import do_bench
+
 from pdserve.kernels import reference
 from pdserve.kernels.triton_blocks import pack_blocks, unpack_blocks
 from pdserve.kernels.triton_decode import (
     DecodeTuning,
+    DecodeWorkspace,
     default_tuning,
     paged_decode_attention,
-    workspace_numel,
 )
 from pdserve.kernels.triton_prefill import PrefillTuning, paged_prefill_attention
 from pdserve.kernels.triton_store import store_kv
-from triton.testing import do_bench
 
 HQ, HKV, D, BS = 32, 8, 128, 16
 DEV = "cuda"
@@ -97,9 +99,15 @@ def check_decode(dtype, d, bs, lens, tuning=None):
     poison_unused(k, v, tables, lens)
     out = torch.full_like(q, float("nan"))
     parts = -(-tables.shape[1] * bs // 64)  # enough for any partition_size >= 64
-    ws = torch.full((workspace_numel(len(lens), HQ, d, parts),), float("nan"), device=DEV)
-    paged_decode_attention(q, k, v, tables, ctx, d ** -0.5, out=out, workspace=ws, tuning=tuning)
-    return rel_err(out, ref)
+    ws = DecodeWorkspace.allocate(len(lens), HQ, HKV, d, parts, DEV)
+    ws.partials.fill_(float("nan"))
+    errs = []
+    for _ in range(2):  # the second launch reuses the tickets the first left zero
+        paged_decode_attention(q, k, v, tables, ctx, d ** -0.5, out=out, workspace=ws,
+                               tuning=tuning)
+        errs.append(rel_err(out, ref) if not ws.tickets.any() else float("inf"))
+        out.fill_(float("nan"))
+    return max(errs)
 
 
 def check_prefill(dtype, d, bs, q_lens, prefix):
@@ -166,7 +174,9 @@ def run_checks():
         name, tol = str(dtype).split(".")[-1], TOL[dtype]
         for d, bs in ((128, 16), (64, 32)):
             lens = [1, 17, random.randint(1, 4096), random.randint(1, 4096), 4095]
-            for label, tuning in (("default", None), ("split256", DecodeTuning(256, 64)),
+            for label, tuning in (("default", None), ("split128", DecodeTuning(128, 64)),
+                                  ("split256_merge_kernel",
+                                   DecodeTuning(256, 64, fused_reduce=False)),
                                   ("whole", DecodeTuning(4096, 64))):
                 res[f"decode/{name}/d{d}/b{bs}/{label}"] = (
                     check_decode(dtype, d, bs, lens, tuning), tol)
@@ -193,8 +203,8 @@ def sdpa_decode_ms(q, kc, vc, scale):
     return min(a, b), {"grouped_rows_ms": a, "enable_gqa_ms": b}
 
 
-DECODE_SWEEP = [(32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3),
-                (64, 8, 3)]  # (block_n, num_warps, num_stages); partition sizes vary at run time
+DECODE_SWEEP = [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3)]
+# (block_n, num_warps, num_stages) x fused merge or a merge kernel x partition sizes
 
 
 def bench_decode(name, lens, sweep, copy_bw):
@@ -204,7 +214,7 @@ def bench_decode(name, lens, sweep, copy_bw):
     q = torch.randn(n, HQ, D, device=DEV, dtype=dtype)
     ctx = torch.tensor(lens, dtype=torch.int32, device=DEV)
     out = torch.empty_like(q)
-    ws = torch.empty(workspace_numel(n, HQ, D, -(-tables.shape[1] * BS // 128)), device=DEV)
+    ws = DecodeWorkspace.allocate(n, HQ, HKV, D, -(-tables.shape[1] * BS // 128), DEV)
     scale = D ** -0.5
     kv_bytes = sum(lens) * HKV * D * 2 * 2
     t = ms(lambda: paged_decode_attention(q, k, v, tables, ctx, scale, out=out, workspace=ws))
@@ -228,12 +238,18 @@ def bench_decode(name, lens, sweep, copy_bw):
         max_tokens = tables.shape[1] * BS
         parts = sorted({p for p in (128, 256, 512, 1024, 2048, 4096) if p < max_tokens}
                        | {max_tokens})
-        for bn, w, s in DECODE_SWEEP:
-            for part in parts:
-                tune = DecodeTuning(part, bn, w, s)
-                tt = ms(lambda tune=tune: paged_decode_attention(
-                    q, k, v, tables, ctx, scale, out=out, workspace=ws, tuning=tune), rep=30)
-                tried.append({"tuning": str(tune), "ms": tt, "tbps": kv_bytes / tt / 1e9})
+        for (bn, w, s), fused, part in itertools.product(DECODE_SWEEP, (True, False), parts):
+            if part == max_tokens and not fused:
+                continue  # one partition: no merge at all
+            tune = DecodeTuning(part, bn, w, s, fused)
+            run = lambda tune=tune: paged_decode_attention(q, k, v, tables, ctx, scale, out=out,
+                                                           workspace=ws, tuning=tune)
+            tt = ms(run, rep=30)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                run()
+            tried.append({"tuning": str(tune), "ms": tt, "tbps": kv_bytes / tt / 1e9,
+                          "graph_ms": ms(graph.replay, rep=30)})
         row["sweep"] = sorted(tried, key=lambda r: r["ms"])
     return row
 
@@ -243,8 +259,8 @@ def causal_pairs(new, prefix):
     return new * prefix + new * (new + 1) // 2
 
 
-PREFILL_SWEEP = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2),
-                 (64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3)]
+PREFILL_SWEEP = [(128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 3), (128, 64, 8, 3),
+                 (64, 64, 4, 3), (64, 128, 4, 4)]
 
 
 def sdpa_prefill_ms(new, prefix, scale):
@@ -399,15 +415,17 @@ def main():
 def print_table(r):
     cb = r["copy_tbps"]
     print(f"\n{r['gpu']}  rev {r['rev'][:12]}  copy {cb:.2f} TB/s  ({r['date']})")
-    print(f"{'case':34} {'ms':>9} {'figure':>14} {'baseline':>16} {'ratio':>7} {'/copy':>6}")
+    print(f"{'case':34} {'ms':>9} {'figure':>14} {'baseline':>16} {'ratio':>7} {'/copy':>6}"
+          f" {'graph ms':>9}")
     for d in r["decode"]:
         base = f"{d['sdpa_tbps']:.2f} TB/s SDPA" if "sdpa_tbps" in d else "-"
         ratio = f"{d['ratio_sdpa']:.2f}" if "ratio_sdpa" in d else "-"
         print(f"{d['case']:34} {d['ms']:9.4f} {d['tbps']:9.2f} TB/s {base:>16} {ratio:>7} "
-              f"{d['ratio_copy']:6.2f}")
+              f"{d['ratio_copy']:6.2f} {d['graph_ms']:9.4f}")
         if d.get("sweep"):
             best = d["sweep"][0]
-            print(f"  best swept: {best['tuning']} {best['ms']:.4f} ms {best['tbps']:.2f} TB/s")
+            print(f"  best swept: {best['tuning']} {best['ms']:.4f} ms {best['tbps']:.2f} TB/s"
+                  f" (graph {best['graph_ms']:.4f} ms)")
     for p in r["prefill"]:
         base = f"{p['sdpa_tflops']:.0f} TF SDPA" if "sdpa_tflops" in p else "-"
         ratio = f"{p['ratio_sdpa']:.2f}" if "ratio_sdpa" in p else "-"

@@ -4,22 +4,25 @@ One query token per sequence attends to its ``context_lens[i]`` cached tokens
 through its block table (contract: ``reference.paged_decode_attention``).
 
 The context is cut into partitions of ``partition_size`` tokens. One program
-of the first kernel handles one (kv head, partition, sequence): all ``G``
-query heads of that kv head are the rows of one ``tl.dot`` (GQA packed, padded
-to 16 rows), and it writes a partial result (running max, running sum,
-unnormalised output). The second kernel merges a sequence's partials. When a
-single partition covers the longest possible context, the first kernel
-writes the normalised output directly and the second is not launched.
+handles one (kv head, partition, sequence): the ``G`` query heads of that kv
+head are the rows of one ``tl.dot`` (GQA packed, padded to 16 rows). A
+sequence whose context fits one partition is finished by that program. For a
+longer one each program writes a partial result (running max, running sum,
+unnormalised output) and takes a ticket from a per-(sequence, kv head)
+counter; the program that draws the last ticket merges the partials and
+writes the output (``fused_reduce``), or a second kernel merges them.
 
     sequence i:  |-- part 0 --|-- part 1 --|-- part 2 --|  ...  | part P-1 |
-                  0            ctx_i                                  <- programs
-                  p * partition_size >= ctx_i: the program exits at once and the
-                  reduce reads only the first cdiv(ctx_i, partition_size) partials
+                  0                          ctx_i
+                  programs with p * partition_size >= ctx_i exit at once;
+                  the others write partials, the last to finish merges them
 
 No host syncs: the grid comes from tensor shapes only (``block_tables.shape[1]``
-bounds every context), so a launch can be captured in a CUDA graph. The
-partials live in a workspace (fp32, ``workspace_numel`` elements) that the
-caller may preallocate once; nothing in it needs initialising.
+bounds every context), so a launch can be captured in a CUDA graph.
+
+Split-K scratch lives in a ``DecodeWorkspace`` (partials, and ticket counters
+that every launch leaves zero); pass one allocated per batch shape to keep
+allocations out of the step, or let each call allocate its own.
 """
 
 import functools
@@ -35,12 +38,14 @@ _LOG2E = math.log2(math.e)
 
 @dataclass(frozen=True)
 class DecodeTuning:
-    """Launch shape: tokens per partition, tokens per loop step, warps, pipeline depth."""
+    """Launch shape: tokens per partition and per loop step, warps, pipeline depth,
+    and whether the last program of a sequence merges its partials (one launch)."""
 
     partition_size: int
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 3
+    fused_reduce: bool = True
 
 
 @functools.lru_cache(maxsize=8)
@@ -50,44 +55,107 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.lru_cache(maxsize=256)
 def default_tuning(num_seqs: int, num_kv_heads: int, max_blocks: int, block_size: int,
                    device: torch.device) -> DecodeTuning:
-    """Pick partitions so that ``num_seqs * num_kv_heads * partitions`` fills the GPU.
+    """Partitions so that ``num_seqs * num_kv_heads * partitions`` fills the GPU.
 
-    A function of shapes only, so the same batch shape always gets the same
-    launch (needed for CUDA graphs).
+    A function of shapes only, so one batch shape always gets one launch
+    (needed for CUDA graphs).
     """
     block_n = 64
     max_tokens = max_blocks * block_size
     programs_wanted = 4 * _num_sms(device)
     parts_wanted = max(1, -(-programs_wanted // max(1, num_seqs * num_kv_heads)))
     size = triton.next_power_of_2(max(1, -(-max_tokens // parts_wanted)))
-    size = max(size, 256 if device.type == "cuda" else block_n)
-    size = min(size, triton.next_power_of_2(max(max_tokens, block_n)))
-    return DecodeTuning(partition_size=max(size, block_n), block_n=block_n)
+    # Floor: enough work per program; cap: one program streams no more than this,
+    # so a long sequence in a ragged batch is not a tail that runs alone.
+    size = min(max(size, 128 if device.type == "cuda" else block_n), 2048)
+    if size >= max_tokens:
+        size = -(-max_tokens // block_n) * block_n  # one partition
+    return DecodeTuning(partition_size=size, block_n=block_n)
 
 
-def workspace_numel(num_seqs: int, num_q_heads: int, head_dim: int, num_parts: int) -> int:
-    """fp32 elements of the split-K workspace: max, sum and output per partial."""
-    return num_seqs * num_q_heads * num_parts * (head_dim + 2)
+def num_partitions(max_blocks: int, block_size: int, tuning: DecodeTuning) -> int:
+    return triton.cdiv(max_blocks * block_size, tuning.partition_size)
+
+
+@dataclass(frozen=True)
+class DecodeWorkspace:
+    """Scratch for split-K; allocate once per batch shape and reuse (one stream at a time).
+
+    ``tickets`` must be zero before the first launch; every launch leaves it zero.
+    """
+
+    partials: torch.Tensor  # fp32 [>= num_seqs * num_q_heads * num_parts * (head_dim + 2)]
+    tickets: torch.Tensor  # int32 [>= num_seqs * num_kv_heads]
+
+    @classmethod
+    def allocate(cls, num_seqs: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                 num_parts: int, device: torch.device | str) -> "DecodeWorkspace":
+        numel = num_seqs * num_q_heads * num_parts * (head_dim + 2)
+        return cls(torch.empty(numel, dtype=torch.float32, device=device),
+                   torch.zeros(num_seqs * num_kv_heads, dtype=torch.int32, device=device))
 
 
 @triton.jit
-def _decode_partition_kernel(
-    q_ptr, k_ptr, v_ptr, tables_ptr, ctx_ptr, out_ptr, m_ptr, l_ptr, acc_ptr,
+def _merge_partials(out_ptr, m_ptr, l_ptr, acc_ptr, first, num_valid, seq, kv_head,
+                    stride_on, stride_oh,
+                    GROUP: tl.constexpr, BLOCK_GR: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Merge partials ``first .. first + num_valid`` of one (sequence, kv head).
+
+    Partial (p, g) sits at row ``(first + p) * GROUP + g`` of m / l / acc.
+    """
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_g = tl.arange(0, BLOCK_GR)
+    offs_d = tl.arange(0, BLOCK_D)
+    g_mask = offs_g < GROUP
+    d_mask = offs_d < HEAD_DIM
+
+    m_run = tl.full([BLOCK_P, BLOCK_GR], float("-inf"), tl.float32)
+    for p0 in range(0, num_valid, BLOCK_P):
+        pg_mask = ((p0 + offs_p) < num_valid)[:, None] & g_mask[None, :]
+        rows = (first + p0 + offs_p)[:, None] * GROUP + offs_g[None, :]  # [BLOCK_P, BLOCK_GR]
+        m = tl.load(m_ptr + rows, mask=pg_mask, other=float("-inf"), cache_modifier=".cg")
+        m_run = tl.maximum(m_run, m)
+    m_max = tl.where(g_mask, tl.max(m_run, 0), 0.0)  # [BLOCK_GR]
+
+    acc = tl.zeros([BLOCK_GR, BLOCK_D], tl.float32)
+    denom = tl.zeros([BLOCK_GR], tl.float32)
+    for p0 in range(0, num_valid, BLOCK_P):
+        pg_mask = ((p0 + offs_p) < num_valid)[:, None] & g_mask[None, :]
+        rows = (first + p0 + offs_p)[:, None] * GROUP + offs_g[None, :]
+        m = tl.load(m_ptr + rows, mask=pg_mask, other=float("-inf"), cache_modifier=".cg")
+        lsum = tl.load(l_ptr + rows, mask=pg_mask, other=0.0, cache_modifier=".cg")
+        w = tl.exp2(m - m_max[None, :])  # [BLOCK_P, BLOCK_GR], 0 where masked
+        a = tl.load(acc_ptr + rows[:, :, None] * HEAD_DIM + offs_d[None, None, :],
+                    mask=pg_mask[:, :, None] & d_mask[None, None, :], other=0.0,
+                    cache_modifier=".cg")  # [BLOCK_P, BLOCK_GR, BLOCK_D]
+        acc += tl.sum(a * w[:, :, None], 0)
+        denom += tl.sum(w * lsum, 0)
+    o = acc / tl.where(g_mask, denom, 1.0)[:, None]
+    heads = kv_head * GROUP + offs_g
+    tl.store(out_ptr + seq * stride_on + heads[:, None] * stride_oh + offs_d[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, k_ptr, v_ptr, tables_ptr, ctx_ptr, out_ptr,
+    ticket_ptr, m_ptr, l_ptr, acc_ptr,
     qk_scale, partition_size,
-    stride_qn, stride_qh,
-    stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh,
+    stride_qn, stride_qh, stride_kb, stride_kt, stride_kh,
     stride_tn, stride_on, stride_oh,
-    GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_GR: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+    SPLIT: tl.constexpr, FUSED_REDUCE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     kv_head = tl.program_id(0)
     part = tl.program_id(1)
     seq = tl.program_id(2)
+    num_kv_heads = tl.num_programs(0)
     num_parts = tl.num_programs(1)
     ctx = tl.load(ctx_ptr + seq)
     start = part * partition_size
@@ -100,9 +168,10 @@ def _decode_partition_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     g_mask = offs_g < GROUP
     d_mask = offs_d < HEAD_DIM
+    gd_mask = g_mask[:, None] & d_mask[None, :]
     heads = kv_head * GROUP + offs_g  # [BLOCK_G] query heads of this kv head
     q = tl.load(q_ptr + seq * stride_qn + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+                mask=gd_mask, other=0.0)
     q = q.to(k_ptr.dtype.element_ty)  # [BLOCK_G, BLOCK_D]
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
@@ -113,83 +182,73 @@ def _decode_partition_kernel(
         toks = kv0 + offs_n  # [BLOCK_N]
         t_mask = toks < end
         blk = tl.load(table + toks // KV_BLOCK, mask=t_mask, other=0).to(tl.int64)
-        row = toks % KV_BLOCK
+        kv_off = (blk * stride_kb + (toks % KV_BLOCK) * stride_kt + kv_head * stride_kh)[:, None] \
+            + offs_d[None, :]  # [BLOCK_N, BLOCK_D]; V has K's strides
         kv_mask = t_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_ptr + (blk * stride_kb + row * stride_kt + kv_head * stride_kh)[:, None]
-                    + offs_d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N]
         s = tl.where(t_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptr + (blk * stride_vb + row * stride_vt + kv_head * stride_vh)[:, None]
-                    + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
+    num_valid = tl.cdiv(ctx, partition_size)
     if SPLIT:
-        num_heads = tl.num_programs(0) * GROUP
-        partial = (seq * num_heads + heads) * num_parts + part  # [BLOCK_G]
-        tl.store(m_ptr + partial, m_i, mask=g_mask)
-        tl.store(l_ptr + partial, l_i, mask=g_mask)
-        tl.store(acc_ptr + partial[:, None] * HEAD_DIM + offs_d[None, :], acc,
-                 mask=g_mask[:, None] & d_mask[None, :])
+        if FUSED_REDUCE:
+            finish_here = num_valid == 1
+        else:
+            finish_here = num_valid < 0  # never: the merge kernel writes every output
     else:
+        finish_here = num_valid > 0  # always
+    if finish_here:
         o = acc / l_i[:, None]
         tl.store(out_ptr + seq * stride_on + heads[:, None] * stride_oh + offs_d[None, :],
-                 o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+                 o.to(out_ptr.dtype.element_ty), mask=gd_mask)
+    else:
+        first = (seq * num_kv_heads + kv_head) * num_parts
+        rows = (first + part) * GROUP + offs_g  # [BLOCK_G]
+        tl.store(m_ptr + rows, m_i, mask=g_mask)
+        tl.store(l_ptr + rows, l_i, mask=g_mask)
+        tl.store(acc_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=gd_mask)
+        if FUSED_REDUCE:
+            # Every thread's partial stores precede the release of the ticket.
+            tl.debug_barrier()
+            counter = ticket_ptr + seq * num_kv_heads + kv_head
+            ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if ticket == num_valid - 1:  # last one in: all partials are visible
+                _merge_partials(out_ptr, m_ptr, l_ptr, acc_ptr, first, num_valid, seq, kv_head,
+                                stride_on, stride_oh, GROUP, BLOCK_GR, HEAD_DIM, BLOCK_D, BLOCK_P)
+                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next launch
 
 
 @triton.jit
-def _decode_reduce_kernel(
-    out_ptr, m_ptr, l_ptr, acc_ptr, ctx_ptr, partition_size, num_parts,
-    stride_on, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+def _decode_merge_kernel(
+    out_ptr, m_ptr, l_ptr, acc_ptr, ctx_ptr, partition_size, num_parts, stride_on, stride_oh,
+    GROUP: tl.constexpr, BLOCK_GR: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
-    head = tl.program_id(0)
+    kv_head = tl.program_id(0)
     seq = tl.program_id(1)
-    num_heads = tl.num_programs(0)
-    ctx = tl.load(ctx_ptr + seq)
-    num_valid = tl.cdiv(ctx, partition_size)  # partials written for this sequence
-    first = (seq * num_heads + head) * num_parts
-    offs_p = tl.arange(0, BLOCK_P)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
-
-    m_run = tl.full([BLOCK_P], float("-inf"), tl.float32)
-    for p0 in range(0, num_valid, BLOCK_P):
-        p_mask = p0 + offs_p < num_valid
-        m = tl.load(m_ptr + first + p0 + offs_p, mask=p_mask, other=float("-inf"))
-        m_run = tl.maximum(m_run, m)
-    m_max = tl.max(m_run, 0)
-
-    acc = tl.zeros([BLOCK_D], tl.float32)
-    denom = tl.zeros([BLOCK_P], tl.float32)
-    for p0 in range(0, num_valid, BLOCK_P):
-        p_mask = p0 + offs_p < num_valid
-        m = tl.load(m_ptr + first + p0 + offs_p, mask=p_mask, other=float("-inf"))
-        lsum = tl.load(l_ptr + first + p0 + offs_p, mask=p_mask, other=0.0)
-        w = tl.exp2(m - m_max)  # [BLOCK_P], 0 where masked
-        a = tl.load(acc_ptr + (first + p0 + offs_p)[:, None] * HEAD_DIM + offs_d[None, :],
-                    mask=p_mask[:, None] & d_mask[None, :], other=0.0)
-        acc += tl.sum(a * w[:, None], 0)
-        denom += w * lsum
-    o = acc / tl.sum(denom, 0)
-    tl.store(out_ptr + seq * stride_on + head * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty),
-             mask=d_mask)
+    num_valid = tl.cdiv(tl.load(ctx_ptr + seq), partition_size)
+    first = (seq * tl.num_programs(0) + kv_head) * num_parts
+    _merge_partials(out_ptr, m_ptr, l_ptr, acc_ptr, first, num_valid, seq, kv_head,
+                    stride_on, stride_oh, GROUP, BLOCK_GR, HEAD_DIM, BLOCK_D, BLOCK_P)
 
 
 def paged_decode_attention(
     query: torch.Tensor,  # [N, Hq, D]
     k_cache: torch.Tensor,  # [NB, B, Hkv, D]
-    v_cache: torch.Tensor,  # [NB, B, Hkv, D]
+    v_cache: torch.Tensor,  # [NB, B, Hkv, D], same strides as k_cache
     block_tables: torch.Tensor,  # [N, max_blocks] int32
     context_lens: torch.Tensor,  # [N] int32, >= 1
     scale: float,
     *,
     out: torch.Tensor | None = None,  # [N, Hq, D] (written if given)
-    workspace: torch.Tensor | None = None,  # fp32, >= workspace_numel(...) elements
+    workspace: DecodeWorkspace | None = None,
     tuning: DecodeTuning | None = None,
 ) -> torch.Tensor:  # [N, Hq, D]
     """See ``reference.paged_decode_attention``. Pure but for ``out``/``workspace``.
@@ -199,7 +258,7 @@ def paged_decode_attention(
     n, hq, d = query.shape
     _, bs, hkv, _ = k_cache.shape
     assert hq % hkv == 0, "query heads must be a multiple of kv heads"
-    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
     if query.stride(-1) != 1:
         query = query.contiguous()
     group = hq // hkv
@@ -210,41 +269,43 @@ def paged_decode_attention(
     max_blocks = block_tables.shape[1]
     if tuning is None:
         tuning = default_tuning(n, hkv, max_blocks, bs, query.device)
-    num_parts = triton.cdiv(max_blocks * bs, tuning.partition_size)
+    num_parts = num_partitions(max_blocks, bs, tuning)
     split = num_parts > 1
     if split:
-        need = workspace_numel(n, hq, d, num_parts)
-        if workspace is None:
-            workspace = torch.empty(need, dtype=torch.float32, device=query.device)
-        assert workspace.dtype == torch.float32 and workspace.numel() >= need
         num_partials = n * hq * num_parts
-        m_ws = workspace[:num_partials]
-        l_ws = workspace[num_partials:2 * num_partials]
-        acc_ws = workspace[2 * num_partials:need]
+        if workspace is None:
+            workspace = DecodeWorkspace.allocate(n, hq, hkv, d, num_parts, query.device)
+        assert workspace.partials.numel() >= num_partials * (d + 2), "workspace too small"
+        assert workspace.tickets.numel() >= n * hkv, "workspace too small"
+        tickets = workspace.tickets
+        m_ws = workspace.partials[:num_partials]
+        l_ws = workspace.partials[num_partials:2 * num_partials]
+        acc_ws = workspace.partials[2 * num_partials:num_partials * (d + 2)]
     else:
-        m_ws = l_ws = acc_ws = out  # unused
-    precision = "ieee" if k_cache.dtype == torch.float32 else "tf32"
+        tickets = m_ws = l_ws = acc_ws = out  # unused
     block_d = triton.next_power_of_2(d)
-    _decode_partition_kernel[(hkv, num_parts, n)](
-        query, k_cache, v_cache, block_tables, context_lens, out, m_ws, l_ws, acc_ws,
+    block_gr = triton.next_power_of_2(group)
+    block_p = max(1, min(triton.next_power_of_2(num_parts), 8192 // (block_gr * block_d)))
+    _decode_kernel[(hkv, num_parts, n)](
+        query, k_cache, v_cache, block_tables, context_lens, out, tickets, m_ws, l_ws, acc_ws,
         scale * _LOG2E, tuning.partition_size,
-        query.stride(0), query.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=d, BLOCK_D=block_d, KV_BLOCK=bs, BLOCK_N=tuning.block_n,
-        SPLIT=split, DOT_PRECISION=precision,
+        GROUP=group, BLOCK_G=max(16, block_gr), BLOCK_GR=block_gr, HEAD_DIM=d, BLOCK_D=block_d,
+        KV_BLOCK=bs, BLOCK_N=tuning.block_n, BLOCK_P=block_p, SPLIT=split,
+        FUSED_REDUCE=tuning.fused_reduce,
+        DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
         num_warps=tuning.num_warps, num_stages=tuning.num_stages,
     )
-    if split:
-        block_p = min(triton.next_power_of_2(num_parts), max(1, 4096 // block_d))
-        _decode_reduce_kernel[(hq, n)](
+    if split and not tuning.fused_reduce:
+        _decode_merge_kernel[(hkv, n)](
             out, m_ws, l_ws, acc_ws, context_lens, tuning.partition_size, num_parts,
             out.stride(0), out.stride(1),
-            HEAD_DIM=d, BLOCK_D=block_d, BLOCK_P=block_p, num_warps=4,
+            GROUP=group, BLOCK_GR=block_gr, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_P=block_p,
+            num_warps=4,
         )
     return out
 
 
-__all__ = ["DecodeTuning", "default_tuning", "paged_decode_attention", "workspace_numel"]
+__all__ = ["DecodeTuning", "DecodeWorkspace", "default_tuning", "num_partitions",
+           "paged_decode_attention"]

@@ -36,18 +36,22 @@ class PrefillTuning:
     """Launch shape: query rows and key tokens per tile, warps, pipeline depth."""
 
     block_m: int = 128
-    block_n: int = 64
+    block_n: int = 128
     num_warps: int = 8
     num_stages: int = 3
 
 
-def default_tuning(head_dim: int, dtype: torch.dtype, device: torch.device) -> PrefillTuning:
+def default_tuning(head_dim: int, dtype: torch.dtype, device: torch.device,
+                   num_query_rows: int = 1 << 30) -> PrefillTuning:
+    """``num_query_rows``: new tokens times query heads; small batches get smaller tiles."""
     if device.type != "cuda":
         return PrefillTuning(block_m=32, block_n=32, num_warps=4, num_stages=1)
     if dtype == torch.float32:
         return PrefillTuning(block_m=64, block_n=32, num_warps=4, num_stages=2)
-    if head_dim > 128:
-        return PrefillTuning(block_m=64, block_n=64, num_warps=4, num_stages=2)
+    num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if head_dim > 128 or num_query_rows // 128 < 2 * num_sms:
+        return PrefillTuning(block_m=64, block_n=64, num_warps=4, num_stages=2 if head_dim > 128
+                             else 3)
     return PrefillTuning()
 
 
@@ -183,7 +187,7 @@ def paged_prefill_attention(
     if t == 0 or num_seqs == 0:
         return out
     if tuning is None:
-        tuning = default_tuning(d, k_cache.dtype, query.device)
+        tuning = default_tuning(d, k_cache.dtype, query.device, t * hq)
     num_tiles = t // tuning.block_m + num_seqs  # >= sum_i cdiv(q_len_i, block_m)
     precision = "ieee" if k_cache.dtype == torch.float32 else "tf32"
     _prefill_kernel[(hq, num_tiles)](

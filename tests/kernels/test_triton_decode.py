@@ -9,14 +9,16 @@ import random
 
 import pytest
 import torch
+
 from pdserve.kernels import reference
 
 triton = pytest.importorskip("triton")
 from pdserve.kernels.triton_decode import (  # noqa: E402
     DecodeTuning,
+    DecodeWorkspace,
     default_tuning,
+    num_partitions,
     paged_decode_attention,
-    workspace_numel,
 )
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -51,27 +53,41 @@ def check_decode(paged_cache, lens, hq, hkv, d, bs, dtype, device, tuning=None):
     ref = reference.paged_decode_attention(query.float(), k.float(), v.float(), tables, ctx, scale)
     out = torch.full_like(query, float("nan"))
     plan = tuning or default_tuning(len(lens), hkv, tables.shape[1], bs, query.device)
-    parts = triton.cdiv(tables.shape[1] * bs, plan.partition_size)
-    ws = torch.full((workspace_numel(len(lens), hq, d, parts),), float("nan"), device=device)
-    got = paged_decode_attention(query, k_bad, v_bad, tables, ctx, scale, out=out, workspace=ws,
-                                 tuning=tuning)
-    assert got is out
-    err = rel_err(got, ref)
-    assert err < TOLERANCE[dtype], f"rel err {err:.2e} lens={lens}"
+    parts = num_partitions(tables.shape[1], bs, plan)
+    ws = DecodeWorkspace.allocate(len(lens), hq, hkv, d, parts, device)
+    ws.partials.fill_(float("nan"))
+    for _ in range(2 if parts > 1 else 1):  # a second launch reuses the tickets left behind
+        got = paged_decode_attention(query, k_bad, v_bad, tables, ctx, scale, out=out,
+                                     workspace=ws, tuning=tuning)
+        assert got is out
+        err = rel_err(got, ref)
+        assert err < TOLERANCE[dtype], f"rel err {err:.2e} lens={lens}"
+        assert not ws.tickets.any(), "tickets must be left zero"
+        out.fill_(float("nan"))
 
 
-HEADS = [(8, 2, 64, 16), (4, 4, 128, 32), (6, 2, 64, 32)]  # (Hq, Hkv, D, block size)
+HEADS = [(8, 2, 64, 16), (2, 2, 128, 32), (6, 2, 64, 32)]  # (Hq, Hkv, D, block size)
 
 
 @interpreter
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("hq,hkv,d,bs", HEADS)
-@pytest.mark.parametrize("split", [True, False])
-def test_decode_interpreter(paged_cache, dtype, hq, hkv, d, bs, split):
-    lens = ragged_lens(4, bs, 150)
-    # split: partitions of 32 tokens, 16 per step; else one partition for the whole context
-    tuning = DecodeTuning(32, 16) if split else DecodeTuning(1024, 32)
+@pytest.mark.parametrize("mode", ["fused", "merge_kernel", "whole"])
+def test_decode_interpreter(paged_cache, dtype, hq, hkv, d, bs, mode):
+    lens = ragged_lens(4, bs, 120)
+    # partitions of 32 tokens, 16 per step, merged by the last program or by a second
+    # kernel; or one partition for the whole context
+    tuning = {"fused": DecodeTuning(32, 16),
+              "merge_kernel": DecodeTuning(32, 16, fused_reduce=False),
+              "whole": DecodeTuning(1024, 32)}[mode]
     check_decode(paged_cache, lens, hq, hkv, d, bs, dtype, "cpu", tuning)
+
+
+@interpreter
+def test_decode_interpreter_many_partitions(paged_cache):
+    """More partials (25+) than one merge step holds (16 here), with a group of 4."""
+    lens = [random.randint(400, 500), 1, random.randint(2, 40)]
+    check_decode(paged_cache, lens, 4, 1, 128, 16, torch.float32, "cpu", DecodeTuning(16, 16))
 
 
 @interpreter
@@ -86,25 +102,37 @@ def test_decode_interpreter_default_tuning(paged_cache):
 def test_decode_gpu(paged_cache, dtype, d, bs):
     lens = ragged_lens(16, bs, 4096)
     check_decode(paged_cache, lens, 32, 8, d, bs, dtype, "cuda")
+    check_decode(paged_cache, lens, 32, 8, d, bs, dtype, "cuda", DecodeTuning(128, 64))
+    check_decode(paged_cache, lens, 32, 8, d, bs, dtype, "cuda",
+                 DecodeTuning(256, 64, fused_reduce=False))
     check_decode(paged_cache, [random.randint(20000, 33000)], 32, 8, d, bs, dtype, "cuda")
 
 
 @gpu
 @pytest.mark.gpu
-def test_decode_gpu_cuda_graph(paged_cache):
-    """Capture fails on any host sync; replay must follow new context lengths."""
+@pytest.mark.parametrize("partition_size", [128, 4096])  # split-K, and one partition
+def test_decode_gpu_cuda_graph(paged_cache, partition_size):
+    """Capture fails on any host sync; replays must follow new context lengths."""
     lens = ragged_lens(8, 16, 2048)
     k, v, _, _, tables = paged_cache(lens, 8, 128, 16, torch.bfloat16, "cuda")
     query = torch.randn(8, 32, 128, dtype=torch.bfloat16, device="cuda")
     ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
     out = torch.empty_like(query)
-    paged_decode_attention(query, k, v, tables, ctx, 0.1, out=out)  # compile outside capture
+    tuning = DecodeTuning(partition_size)
+    ws = DecodeWorkspace.allocate(8, 32, 8, 128, num_partitions(tables.shape[1], 16, tuning),
+                                  "cuda")
+    run = lambda: paged_decode_attention(query, k, v, tables, ctx, 0.1, out=out, workspace=ws,
+                                         tuning=tuning)
+    run()  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        paged_decode_attention(query, k, v, tables, ctx, 0.1, out=out)
-    ctx.copy_(torch.tensor([max(1, n - 7) for n in lens], dtype=torch.int32))
-    query.copy_(torch.randn_like(query))
-    out.fill_(float("nan"))
-    graph.replay()
-    ref = reference.paged_decode_attention(query.float(), k.float(), v.float(), tables, ctx, 0.1)
-    assert rel_err(out, ref) < TOLERANCE[torch.bfloat16]
+        run()
+    for shrink in (7, 0):
+        ctx.copy_(torch.tensor([max(1, n - shrink) for n in lens], dtype=torch.int32))
+        query.copy_(torch.randn_like(query))
+        out.fill_(float("nan"))
+        graph.replay()
+        ref = reference.paged_decode_attention(query.float(), k.float(), v.float(), tables, ctx,
+                                               0.1)
+        assert rel_err(out, ref) < TOLERANCE[torch.bfloat16]
+    assert not ws.tickets.any()

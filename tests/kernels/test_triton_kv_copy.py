@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+
 from pdserve.kernels import reference
 
 pytest.importorskip("triton")

@@ -10,6 +10,7 @@ import random
 
 import pytest
 import torch
+
 from pdserve.kernels import reference
 
 pytest.importorskip("triton")
