@@ -16,6 +16,7 @@ Caches whose blocks are not contiguous fall back to the torch reference.
 import torch
 import triton
 import triton.language as tl
+
 from pdserve.kernels import reference
 
 _INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
