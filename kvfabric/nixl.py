@@ -55,6 +55,10 @@ class NixlTransport(Transport):
         self._agent = None
         self._lock = threading.Lock()
         self._registered: dict[tuple[int, int], object] = {}  # (addr, nbytes) -> reg descs
+        self._progress = threading.Condition()
+        self._inflight: set = set()  # posted writes the progress thread drives
+        self._progress_thread: threading.Thread | None = None
+        self._closed = False
 
     @property
     def agent(self):
@@ -76,8 +80,42 @@ class NixlTransport(Transport):
                 self._registered[key] = agent.register_memory(
                     [(t.data_ptr(), t.nbytes, dev, "")], mem_type)
 
+    def track(self, handle) -> None:
+        """Drive a posted write to completion in the background.
+
+        A UCX write's notification leaves only when the initiator progresses
+        it; without this, layer notifications would wait for ``finish``.
+        """
+        with self._progress:
+            self._inflight.add(handle)
+            if self._progress_thread is None:
+                self._progress_thread = threading.Thread(
+                    target=self._progress_loop, daemon=True, name="kvfabric-nixl-progress")
+                self._progress_thread.start()
+            self._progress.notify()
+
+    def untrack(self, handle) -> None:
+        """Stop driving ``handle``; after this the caller may release it."""
+        with self._progress:
+            self._inflight.discard(handle)
+
+    def _progress_loop(self) -> None:
+        while True:
+            with self._progress:
+                while not self._inflight and not self._closed:
+                    self._progress.wait()
+                if self._closed:
+                    return
+                for handle in list(self._inflight):
+                    if self._agent.check_xfer_state(handle) != "PROC":
+                        self._inflight.discard(handle)
+            time.sleep(0.0002)
+
     def close(self) -> None:
         """Deregister everything. The transport must not be used afterwards."""
+        with self._progress:
+            self._closed = True
+            self._progress.notify()
         with self._lock:
             for descs in self._registered.values():
                 self._agent.deregister_memory(descs)
@@ -138,6 +176,7 @@ class NixlSenderPath(SenderPath):
             handle.release()
             raise FabricPeerError(f"NIXL write of layer {layer_idx} of {plan.transfer_id} failed")
         self._writes.setdefault(plan.transfer_id, []).append(handle)
+        self.transport.track(handle)
         return nbytes
 
     def take_writes(self, transfer_id: str) -> list:
@@ -149,6 +188,7 @@ class NixlSenderPath(SenderPath):
         deadline = time.monotonic() + WRITE_TIMEOUT_S
         failed = None
         for handle in writes:
+            self.transport.untrack(handle)
             state = agent.check_xfer_state(handle)
             while state == "PROC" and time.monotonic() < deadline:
                 time.sleep(0.0002)

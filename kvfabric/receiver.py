@@ -87,7 +87,7 @@ class KVReceiver:
         self._max_layer_bytes = 2 * self.num_blocks * identity.bytes_per_block
         self._conns: dict[_Conn, None] = {}
         self._conns_lock = threading.Lock()
-        self._table = TransferTable(identity, self._one_sided_conns)
+        self._table = TransferTable(identity, self._live_conns)
         self._closing = threading.Event()
         self._listener = socket.create_server((host, port))
         self._listener.settimeout(0.2)
@@ -166,9 +166,9 @@ class KVReceiver:
 
     # -- threads --
 
-    def _one_sided_conns(self) -> list[_Conn]:
+    def _live_conns(self) -> list[_Conn]:
         with self._conns_lock:
-            return [c for c in self._conns if c.one_sided]
+            return list(self._conns)
 
     def _accept_loop(self) -> None:
         while not self._closing.is_set():
@@ -275,7 +275,7 @@ class KVReceiver:
     def _on_layer(self, conn: _Conn, h: FrameHeader) -> None:
         if h.nbytes > self._max_layer_bytes:
             raise ProtocolError(f"layer frame of {h.nbytes} bytes exceeds the cache")
-        ok, actions = self._table.precheck_layer(h)
+        ok, actions = self._table.precheck_layer(conn, h)
         run_actions(actions)
         if not ok:
             discard(conn.sock, h.nbytes, memoryview(bytearray(1 << 16)))

@@ -72,10 +72,9 @@ def check_frame(t: Pending, h: FrameHeader, is_layer: bool) -> str | None:
 class TransferTable:
     """Expected transfers by id, with byte counters. Thread-safe."""
 
-    def __init__(self, identity: FabricIdentity,
-                 one_sided_peers: Callable[[], list]) -> None:
+    def __init__(self, identity: FabricIdentity, live_peers: Callable[[], list]) -> None:
         self.identity = identity
-        self._one_sided_peers = one_sided_peers  # live connections whose writes are one-sided
+        self._live_peers = live_peers  # connections; ``.one_sided`` ones write on their own
         self._lock = threading.Lock()
         self._pending: dict[str, Pending] = {}
         self.bytes_received = 0
@@ -101,13 +100,14 @@ class TransferTable:
                        layers_seen=[False] * plan.num_layers if n else [True] * plan.num_layers,
                        num_layers_seen=plan.num_layers - n)
 
-    def precheck_layer(self, h: FrameHeader) -> tuple[bool, list[Action]]:
+    def precheck_layer(self, conn, h: FrameHeader) -> tuple[bool, list[Action]]:
         """Before reading a layer's payload: (worth reading, actions). Fails a bad transfer."""
         with self._lock:
             t = self._pending.get(h.transfer_id)
             if t is None or t.failed:
                 self.num_dropped_frames += 1
                 return False, []
+            t.owner = conn
             reason = check_frame(t, h, is_layer=True)
             return reason is None, ([] if reason is None else self._fail(t, reason, drain=True))
 
@@ -187,11 +187,12 @@ class TransferTable:
     def _fail(self, t: Pending, reason: str, drain: bool) -> list[Action]:
         t.failed = reason
         actions: list[Action] = []
-        peers = [t.owner] if t.owner is not None else self._one_sided_peers()
+        peers = [t.owner] if t.owner is not None else self._live_peers()
         for conn in peers:
             actions.append(lambda c=conn: c.send_cancel(t.plan, reason))
         if drain:
-            t.drain_from = {c for c in peers if c in set(self._one_sided_peers())}
+            live = set(self._live_peers())
+            t.drain_from = {c for c in peers if c.one_sided and c in live}
             t.drain_deadline = time.monotonic() + DRAIN_GRACE_S
         return actions + self._maybe_drained(t)
 
