@@ -85,6 +85,7 @@ class LLMEngine:
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self.finished_prefills: list[Request] = []  # prefill_only requests holding blocks
         self.num_steps = 0
+        self.current_schedule = None
 
     def _auto_num_blocks(self) -> int:
         mc, cfg = self.model_config, self.config
@@ -183,6 +184,7 @@ class LLMEngine:
         if not out.scheduled:
             return []
         self.num_steps += 1
+        self.current_schedule = out  # what a layer hook may look at during this step
         inputs, result = self.runner.execute(out, layer_hook)
         sampled = {}
         logprobs = {}

@@ -61,7 +61,7 @@ class PrefillDone(msgspec.Struct, tag="prefill_done", frozen=True):
     token: str
     request_id: str
     first_token_id: int | None  # None on error
-    logprob: list[float | int] | None = None  # [token_id, logprob, top ids..., top lps...]
+    logprob: list | None = None  # [token_id, logprob, [[top id, top logprob], ...]]
     num_cached_tokens: int = 0
     kv_bytes: int = 0
     error: str | None = None

@@ -1,0 +1,146 @@
+"""Prefill worker: prefill-only requests whose KV is pushed layer by layer.
+
+In the step where a request's last prompt chunk runs, the layer hook sends
+layer i of all of its blocks the decode side lacks as soon as layer i is
+computed (blocks of earlier chunks are complete in every layer already).
+After the step the sampled first token goes in the finish frame, and the
+request's blocks are released (they stay in the prefix cache).
+"""
+
+import logging
+
+from pdserve.engine import messages as m
+from pdserve.engine.block_hash import HASH_ALGORITHM
+from pdserve.engine.worker_runtime import WorkerRuntime, WorkerSpec
+from pdserve.kvfabric import (
+    FabricError,
+    FabricIdentity,
+    KVConnectorScheduler,
+    KVSender,
+    TransferPlan,
+)
+
+log = logging.getLogger("pdserve.prefill")
+
+
+class PrefillWorker(WorkerRuntime):
+    def __init__(self, spec: WorkerSpec) -> None:
+        super().__init__(spec)
+        e = self.engine
+        self.identity = FabricIdentity.from_kv_spec(spec.engine.model, e.kv_spec,
+                                                    e.config.hash_seed, HASH_ALGORITHM)
+        self.planner = KVConnectorScheduler(e.model_config.num_layers)
+        self.senders: dict[str, KVSender] = {}  # decode kv address -> sender
+        self.jobs: dict[str, m.PrefillRequest] = {}
+        self.plans: dict[str, TransferPlan] = {}  # jobs whose layers are being sent
+        self.broken: dict[str, str] = {}  # request id -> why its push failed this step
+
+    def kv_bytes(self) -> tuple[int, int]:
+        return sum(s.bytes_sent for s in self.senders.values()), 0
+
+    def _sender(self, address: str) -> KVSender:
+        sender = self.senders.get(address)
+        if sender is None or not sender.is_alive:
+            sender = KVSender(address, self.spec.token, self.identity,
+                              transport=self.spec.transport)
+            self.senders[address] = sender
+        return sender
+
+    def handle(self, msg) -> None:
+        if isinstance(msg, m.PrefillRequest):
+            try:
+                self._sender(msg.kv_address)  # connect + handshake before any compute
+                self.engine.add_request(msg.request_id, msg.prompt_token_ids,
+                                        msg.sampling.to_params(), prefill_only=True)
+            except (ValueError, FabricError) as exc:
+                self._fail_job(msg, str(exc))
+                return
+            self.jobs[msg.request_id] = msg
+            if msg.deadline is not None:
+                self.deadlines[msg.request_id] = msg.deadline
+        elif isinstance(msg, m.Abort):
+            self.abort(msg.request_id, "aborted by the decode side")
+        else:
+            log.warning("prefill worker ignores %s", type(msg).__name__)
+
+    def _fail_job(self, job: m.PrefillRequest, error: str) -> None:
+        """Tell the decode side the prefill failed (over the fabric if possible)."""
+        self.jobs.pop(job.request_id, None)
+        plan = self.plans.pop(job.request_id, None)
+        try:
+            sender = self.senders.get(job.kv_address)
+            if sender is not None:
+                if plan is None:
+                    plan = self._plan_without_src(job)
+                sender.abort(plan, error)
+        except FabricError:
+            pass  # the decode side's own time-out will fail the transfer
+        log.warning("prefill of %s failed: %s", job.request_id, error)
+
+    def _plan_without_src(self, job: m.PrefillRequest) -> TransferPlan:
+        n = len(job.dst_block_ids)
+        return self.planner.plan_from_suffix(job.request_id, list(range(job.first_block + n)),
+                                             job.first_block, job.dst_block_ids)
+
+    def _layer_hook(self, layer: int) -> None:
+        sched = self.engine.current_schedule
+        for s in sched.scheduled:
+            req = s.request
+            job = self.jobs.get(req.request_id)
+            if job is None or req.request_id in self.broken:
+                continue
+            if req.num_computed_tokens + s.num_new_tokens != req.num_tokens:
+                continue  # not its last prompt chunk yet
+            plan = self.plans.get(req.request_id)
+            try:
+                if plan is None:
+                    plan = self.planner.plan_from_suffix(req.request_id, req.block_ids,
+                                                         job.first_block, job.dst_block_ids)
+                    self.plans[req.request_id] = plan
+                k, v = self.engine.kv_cache.layers[layer]
+                self._sender(job.kv_address).send_layer(plan, layer, k, v)
+            except (ValueError, FabricError) as exc:
+                self.broken[req.request_id] = str(exc)
+
+    def step(self) -> list[m.TokenDelta]:
+        e = self.engine
+        deltas = e.step(self._layer_hook)
+        by_id = {d.request_id: d for d in deltas}
+        for rid, why in list(self.broken.items()):
+            job = self.jobs.get(rid)
+            e.abort(rid)
+            for req in list(e.finished_prefills):
+                if req.request_id == rid:
+                    e.release_prefill(req)
+            if job is not None:
+                self._fail_job(job, why)
+        self.broken.clear()
+        for req in list(e.finished_prefills):
+            rid = req.request_id
+            job = self.jobs.pop(rid, None)
+            plan = self.plans.pop(rid, None)
+            self.deadlines.pop(rid, None)
+            if job is not None and plan is not None:
+                d = by_id.get(rid)
+                lp = None
+                if d is not None and d.new_logprobs:
+                    x = d.new_logprobs[0]
+                    lp = [x.token_id, x.logprob, [list(t) for t in x.top]]
+                done = m.PrefillDone(self.spec.token, rid, req.output_token_ids[0], lp,
+                                     req.num_cached_tokens)
+                try:
+                    self._sender(job.kv_address).finish(plan, m.encode(done))
+                except FabricError as exc:
+                    log.warning("finish of %s failed: %s", rid, exc)
+            e.release_prefill(req)
+        return []  # the decode side streams the tokens
+
+    def abort(self, request_id: str, reason: str) -> None:
+        self.deadlines.pop(request_id, None)
+        self.engine.abort(request_id)
+        for req in list(self.engine.finished_prefills):
+            if req.request_id == request_id:
+                self.engine.release_prefill(req)
+        job = self.jobs.get(request_id)
+        if job is not None:
+            self._fail_job(job, reason)

@@ -1,0 +1,71 @@
+"""Starting and stopping worker processes for ``pdserve serve`` (the local launcher).
+
+Each worker is ``python -m pdserve.<pool> SPEC_JSON``; its output is relayed line by
+line with a ``[name]`` prefix. ``stop`` sends SIGTERM, waits, then SIGKILLs.
+"""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import threading
+
+from pdserve.router.config import ServeConfig, WorkerConfig
+
+POOL_MODULE = {"prefill": "pdserve.prefill", "decode": "pdserve.decode",
+               "colocated": "pdserve.decode"}
+
+
+def worker_spec_json(cfg: ServeConfig, w: WorkerConfig, control_address: str) -> str:
+    engine = cfg.worker_engine(w)
+    load_format = engine.pop("load_format", None)
+    if load_format:
+        engine["extra"] = {"load_format": load_format}
+    return json.dumps({"worker_id": w.name, "role": w.role, "control_address": control_address,
+                       "token": cfg.cluster_token, "engine": engine, "host": w.host,
+                       "transport": cfg.transport})
+
+
+@dataclasses.dataclass
+class WorkerProcess:
+    name: str
+    proc: subprocess.Popen
+    relay: threading.Thread
+
+
+def _relay(name: str, stream, out) -> None:
+    for line in iter(stream.readline, ""):
+        out.write(f"[{name}] {line}")
+        out.flush()
+    stream.close()
+
+
+def start_workers(cfg: ServeConfig, control_address: str, out=None) -> list[WorkerProcess]:
+    """Spawn every worker of the config. Mutates nothing else."""
+    out = out or sys.stdout
+    procs = []
+    for w in cfg.workers:
+        env = {**os.environ, **w.env, "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", POOL_MODULE[w.role], worker_spec_json(cfg, w, control_address)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+            start_new_session=True)
+        relay = threading.Thread(target=_relay, args=(w.name, proc.stdout, out), daemon=True)
+        relay.start()
+        procs.append(WorkerProcess(w.name, proc, relay))
+    return procs
+
+
+def stop_workers(procs: list[WorkerProcess], timeout_s: float = 10.0) -> None:
+    """SIGTERM every worker, wait up to ``timeout_s``, SIGKILL the rest."""
+    for p in procs:
+        if p.proc.poll() is None:
+            p.proc.terminate()
+    for p in procs:
+        try:
+            p.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            p.proc.kill()
+            p.proc.wait()
+        p.relay.join(timeout=2)

@@ -1,0 +1,166 @@
+"""The production ``Dispatcher``: requests to workers over ZeroMQ, tokens back.
+
+    generate(): choose a decode worker (and, disaggregated, a prefill worker),
+                PUSH a GenerateRequest to the decode worker, then relay the
+                TokenDeltas that arrive on the router's PULL socket.
+    abort():    PUSH an Abort to the decode worker (it tells its prefill peer).
+    watchdog:   a request whose decode worker stops being healthy ends with an
+                error delta (never a hang, never a silent cut).
+
+Choice here is least-loaded; the prefix-aware pair selector replaces ``choose``.
+"""
+
+import asyncio
+import contextlib
+import time
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from pdserve.engine import messages as m
+from pdserve.router.dispatcher import DispatchError
+from pdserve.router.registry import Registry, WorkerState
+
+
+def _load(w: WorkerState) -> tuple[int, int]:
+    return (w.inflight + w.report.get("waiting", 0), -w.report.get("free_blocks", 0))
+
+
+class ZmqDispatcher:
+    def __init__(self, model_name: str, tokenizer, max_model_len: int, registry: Registry,
+                 token: str, mode: str, host: str = "127.0.0.1") -> None:
+        self.model_name = model_name
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.registry = registry
+        self.token = token
+        self.mode = mode
+        self.ctx = zmq.asyncio.Context()
+        self.pull = self.ctx.socket(zmq.PULL)
+        port = self.pull.bind_to_random_port(f"tcp://{host}")
+        self.token_address = f"tcp://{host}:{port}"
+        self._push: dict[str, zmq.asyncio.Socket] = {}
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._placement: dict[str, tuple[WorkerState, WorkerState | None]] = {}
+        self._tasks: list[asyncio.Task] = []
+        self.decisions = {"remote_prefill": 0, "local_prefill": 0}
+        self.dropped_frames = 0
+
+    async def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._watch())]
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self.ctx.destroy(linger=0)
+
+    # ---- choosing --------------------------------------------------------------------
+    def choose(self) -> tuple[WorkerState, WorkerState | None]:
+        decodes = self.registry.healthy("decode", "colocated")
+        if not decodes:
+            raise DispatchError("no healthy decode worker", 503, retry_after_s=1)
+        decode = min(decodes, key=_load)
+        prefill = None
+        if self.mode == "disaggregated" and decode.role == "decode":
+            prefills = self.registry.healthy("prefill")
+            if prefills:
+                prefill = min(prefills, key=_load)
+        return decode, prefill
+
+    # ---- the Dispatcher interface -------------------------------------------------------
+    async def generate(self, request_id, prompt_token_ids, sampling, deadline):
+        decode, prefill = self.choose()
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = queue
+        self._placement[request_id] = (decode, prefill)
+        decode.inflight += 1
+        if prefill is not None:
+            prefill.inflight += 1
+        self.decisions["remote_prefill" if prefill else "local_prefill"] += 1
+        prefill_done = prefill is None
+        try:
+            await self._send(decode.request_address, m.GenerateRequest(
+                token=self.token, request_id=request_id, prompt_token_ids=prompt_token_ids,
+                sampling=sampling, prefill_worker=prefill.request_address if prefill else None,
+                deadline=deadline))
+            while True:
+                delta = await queue.get()
+                if not prefill_done:
+                    prefill_done = True
+                    prefill.inflight -= 1
+                yield delta
+                if delta.finished or delta.error is not None:
+                    return
+        finally:
+            self._queues.pop(request_id, None)
+            self._placement.pop(request_id, None)
+            decode.inflight -= 1
+            if not prefill_done:
+                prefill.inflight -= 1
+
+    async def abort(self, request_id: str) -> None:
+        placed = self._placement.get(request_id)
+        if placed is not None:
+            await self._send(placed[0].request_address, m.Abort(self.token, request_id))
+
+    def ready(self) -> tuple[bool, str]:
+        if not self.registry.healthy("decode", "colocated"):
+            return False, "no healthy decode worker"
+        return True, ""
+
+    def status(self) -> dict:
+        return {"model": self.model_name, "mode": self.mode,
+                "workers": self.registry.status(), "routing": dict(self.decisions)}
+
+    def metrics_text(self) -> str:
+        lines = ["# TYPE pdserve_routing_decisions_total counter"]
+        for kind, n in self.decisions.items():
+            lines.append(f'pdserve_routing_decisions_total{{kind="{kind}"}} {n}')
+        lines.append("# TYPE pdserve_worker_free_blocks gauge")
+        for row in self.registry.status():
+            lines.append(f'pdserve_worker_free_blocks{{worker="{row["name"]}"}} '
+                         f'{row["free_blocks"]}')
+        return "\n".join(lines) + "\n"
+
+    # ---- plumbing ------------------------------------------------------------------------
+    async def _send(self, address: str, msg) -> None:
+        sock = self._push.get(address)
+        if sock is None:
+            sock = self.ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(address)
+            self._push[address] = sock
+        await sock.send(m.encode(msg))
+
+    async def _receive(self) -> None:
+        while True:
+            frame = await self.pull.recv()
+            try:
+                batch = m.decode(frame)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                self.dropped_frames += 1
+                continue
+            if not isinstance(batch, m.TokenBatch) or batch.token != self.token:
+                self.dropped_frames += 1
+                continue
+            for delta in batch.deltas:
+                queue = self._queues.get(delta.request_id)
+                if queue is not None:  # late frames of finished requests are ignored
+                    queue.put_nowait(delta)
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            now = time.monotonic()
+            for rid, (decode, _prefill) in list(self._placement.items()):
+                if now - decode.last_report_at > self.registry.heartbeat_timeout_s:
+                    queue = self._queues.get(rid)
+                    if queue is not None:
+                        queue.put_nowait(m.TokenDelta(
+                            request_id=rid, token_ids=[], text="", finished=True,
+                            finish_reason="abort",
+                            error=f"decode worker {decode.worker_id} stopped responding"))
