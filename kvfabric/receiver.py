@@ -39,6 +39,7 @@ from pdserve.kvfabric.frames import (
     read_control_payload,
     read_header,
 )
+from pdserve.kvfabric.layout import check_kv_layers
 from pdserve.kvfabric.tcp import LayerStaging
 from pdserve.kvfabric.transfers import TransferTable, run_actions
 from pdserve.kvfabric.transport import Transport, resolve_transport
@@ -77,7 +78,7 @@ class KVReceiver:
                  identity: FabricIdentity, token: str, transport: str | Transport = "tcp",
                  host: str = "127.0.0.1", port: int = 0,
                  handshake_timeout_s: float = 5.0) -> None:
-        self.num_blocks = _check_layers(kv_layers, identity)
+        self.num_blocks = check_kv_layers(kv_layers, identity)
         self.identity = identity
         self._kv_layers = kv_layers
         self._token = token.encode()
@@ -297,19 +298,3 @@ def _shutdown(sock: socket.socket) -> None:
     except OSError:
         pass
     sock.close()
-
-
-def _check_layers(kv_layers, identity: FabricIdentity) -> int:
-    """The cache's num_blocks; raises ValueError if it does not match ``identity``."""
-    if len(kv_layers) != identity.num_layers:
-        raise ValueError(f"{len(kv_layers)} KV layers, identity says {identity.num_layers}")
-    want = (identity.block_size, identity.num_kv_heads, identity.head_dim)
-    num_blocks = kv_layers[0][0].shape[0]
-    for i, pair in enumerate(kv_layers):
-        for t in pair:
-            if tuple(t.shape) != (num_blocks,) + want or not t.is_contiguous():
-                raise ValueError(f"layer {i}: KV tensor {tuple(t.shape)} is not a contiguous "
-                                 f"[{num_blocks}, {want[0]}, {want[1]}, {want[2]}]")
-            if str(t.dtype).removeprefix("torch.") != identity.dtype:
-                raise ValueError(f"layer {i}: dtype {t.dtype}, identity says {identity.dtype}")
-    return num_blocks

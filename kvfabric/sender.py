@@ -177,6 +177,11 @@ class KVSender:
         if plan.num_layers != self.identity.num_layers:
             raise ValueError(f"plan {plan.transfer_id} has {plan.num_layers} layers, "
                              f"identity {self.identity.num_layers}")
+        i = self.identity
+        if (tuple(k_cache.shape[1:]) != (i.block_size, i.num_kv_heads, i.head_dim)
+                or str(k_cache.dtype).removeprefix("torch.") != i.dtype):
+            raise ValueError(f"KV layer {tuple(k_cache.shape)} {k_cache.dtype} does not match "
+                             f"the fabric identity {i}")
         if plan.src_block_ids and max(plan.src_block_ids) >= k_cache.shape[0]:
             raise ValueError(f"plan {plan.transfer_id}: src block {max(plan.src_block_ids)} "
                              f">= {k_cache.shape[0]} blocks")

@@ -12,19 +12,8 @@ import torch
 from pdserve.kernels import pack_blocks, unpack_blocks
 from pdserve.kvfabric.descriptors import FabricIdentity, TransferPlan
 from pdserve.kvfabric.frames import LAYER, encode_header, recv_exact
+from pdserve.kvfabric.layout import as_bytes, torch_dtype
 from pdserve.kvfabric.transport import ReceiverPath, SenderPath, SendFrame, Transport
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r}")
-    return dtype
-
-
-def as_bytes(t: torch.Tensor) -> memoryview:
-    """A byte view of a contiguous CPU tensor's memory (no copy)."""
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
 class TcpSenderPath(SenderPath):
