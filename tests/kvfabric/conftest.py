@@ -23,11 +23,11 @@ def nixl_importable() -> bool:
 
 
 class Peers:
-    def __init__(self, transport: str) -> None:
+    def __init__(self, transport: str, device: str = "cpu") -> None:
         self.transport = transport
         self.receiver, self.sender = Actor(), Actor()
-        self.address = self.receiver.call("receiver_init", transport)
-        self.sender.call("sender_init", SENDER_SEED)
+        self.address = self.receiver.call("receiver_init", transport, device)
+        self.sender.call("sender_init", SENDER_SEED, device)
         self.sender.call("connect", "main", self.address, transport)
 
     def events(self, count: int, timeout_s: float = 10.0) -> list:

@@ -123,8 +123,8 @@ class _Child:
         return self.transports[name]
 
     # receiver role
-    def receiver_init(self, transport):
-        self.cache = make_cache(None)
+    def receiver_init(self, transport, device="cpu"):
+        self.cache = make_cache(None).to(device)
         self.receiver = KVReceiver(self.layers(), identity(), TOKEN, self.transport(transport))
         return self.receiver.address
 
@@ -146,14 +146,14 @@ class _Child:
                     num_dropped_frames=r.num_dropped_frames, num_connections=r.num_connections)
 
     def dump(self):
-        return self.cache.numpy().tobytes()
+        return self.cache.cpu().numpy().tobytes()
 
     def repoison(self):
         self.cache.fill_(POISON)
 
     # sender role
-    def sender_init(self, seed):
-        self.cache = make_cache(seed)
+    def sender_init(self, seed, device="cpu"):
+        self.cache = make_cache(seed).to(device)
 
     def connect(self, name, address, transport, token=TOKEN, identity_over=None):
         self.senders[name] = KVSender(address, token, identity(**(identity_over or {})),
