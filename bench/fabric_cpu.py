@@ -158,6 +158,14 @@ class Pair:
                     bytes_received_per_transfer=per_transfer(bytes_received))
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        return "unknown"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=10)
@@ -188,6 +196,7 @@ def main() -> None:
                 print(f"{name} / plain socket (median): {ratios[f'{name}_vs_socket_median']:.2f}")
     path = write_result("fabric_cpu", dict(
         config=CFG, results=results, ratios=ratios, torch=torch.__version__,
+        cpu_model=cpu_model(), tensors="cpu (DRAM)",
         torch_threads_per_process=1, cpu_count=os.cpu_count(),
         loadavg_before=load_before, loadavg_after=os.getloadavg()))
     print(f"wrote {path}")
