@@ -203,7 +203,7 @@ def sdpa_decode_ms(q, kc, vc, scale):
     return min(a, b), {"grouped_rows_ms": a, "enable_gqa_ms": b}
 
 
-DECODE_SWEEP = [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3)]
+DECODE_SWEEP = [(64, 4, 3), (128, 4, 2)]
 # (block_n, num_warps, num_stages) x fused merge or a merge kernel x partition sizes
 
 
@@ -236,8 +236,7 @@ def bench_decode(name, lens, sweep, copy_bw):
     if sweep:
         tried = []
         max_tokens = tables.shape[1] * BS
-        parts = sorted({p for p in (128, 256, 512, 1024, 2048, 4096) if p < max_tokens}
-                       | {max_tokens})
+        parts = sorted({p for p in (128, 256, 512, 1024, 2048) if p < max_tokens} | {max_tokens})
         for (bn, w, s), fused, part in itertools.product(DECODE_SWEEP, (True, False), parts):
             if part == max_tokens and not fused:
                 continue  # one partition: no merge at all
@@ -259,8 +258,7 @@ def causal_pairs(new, prefix):
     return new * prefix + new * (new + 1) // 2
 
 
-PREFILL_SWEEP = [(128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 3), (128, 64, 8, 3),
-                 (64, 64, 4, 3), (64, 128, 4, 4)]
+PREFILL_SWEEP = [(128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 3), (64, 64, 4, 3)]
 
 
 def sdpa_prefill_ms(new, prefix, scale):

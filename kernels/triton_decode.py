@@ -63,17 +63,18 @@ def default_tuning(num_seqs: int, num_kv_heads: int, max_blocks: int, block_size
     A function of shapes only, so one batch shape always gets one launch
     (needed for CUDA graphs).
     """
-    block_n = 64
     max_tokens = max_blocks * block_size
     programs_wanted = 4 * _num_sms(device)
     parts_wanted = max(1, -(-programs_wanted // max(1, num_seqs * num_kv_heads)))
     size = triton.next_power_of_2(max(1, -(-max_tokens // parts_wanted)))
     # Floor: enough work per program; cap: one program streams no more than this,
     # so a long sequence in a ragged batch is not a tail that runs alone.
-    size = min(max(size, 128 if device.type == "cuda" else block_n), 2048)
+    size = min(max(size, 128 if device.type == "cuda" else 64), 2048)
+    # Small partitions: one step of 128 tokens puts all of a program's loads in flight.
+    block_n, num_stages = (128, 2) if size <= 256 else (64, 3)
     if size >= max_tokens:
         size = -(-max_tokens // block_n) * block_n  # one partition
-    return DecodeTuning(partition_size=size, block_n=block_n)
+    return DecodeTuning(partition_size=size, block_n=block_n, num_stages=num_stages)
 
 
 def num_partitions(max_blocks: int, block_size: int, tuning: DecodeTuning) -> int:
@@ -142,8 +143,7 @@ def _merge_partials(out_ptr, m_ptr, l_ptr, acc_ptr, first, num_valid, seq, kv_he
 
 @triton.jit
 def _decode_kernel(
-    q_ptr, k_ptr, v_ptr, tables_ptr, ctx_ptr, out_ptr,
-    ticket_ptr, m_ptr, l_ptr, acc_ptr,
+    q_ptr, k_ptr, v_ptr, tables_ptr, ctx_ptr, out_ptr, ticket_ptr, ws_ptr,
     qk_scale, partition_size,
     stride_qn, stride_qh, stride_kb, stride_kt, stride_kh,
     stride_tn, stride_on, stride_oh,
@@ -196,38 +196,46 @@ def _decode_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    num_valid = tl.cdiv(ctx, partition_size)
     if SPLIT:
+        num_valid = tl.cdiv(ctx, partition_size)
         if FUSED_REDUCE:
             finish_here = num_valid == 1
         else:
             finish_here = num_valid < 0  # never: the merge kernel writes every output
+        if finish_here:
+            o = acc / l_i[:, None]
+            tl.store(out_ptr + seq * stride_on + heads[:, None] * stride_oh + offs_d[None, :],
+                     o.to(out_ptr.dtype.element_ty), mask=gd_mask)
+        else:
+            # workspace: m [num_partials] | l [num_partials] | acc [num_partials, HEAD_DIM]
+            num_partials = tl.num_programs(2) * num_kv_heads * num_parts * GROUP
+            m_ptr = ws_ptr
+            l_ptr = ws_ptr + num_partials
+            acc_ptr = ws_ptr + 2 * num_partials
+            first = (seq * num_kv_heads + kv_head) * num_parts
+            rows = (first + part) * GROUP + offs_g  # [BLOCK_G]
+            tl.store(m_ptr + rows, m_i, mask=g_mask)
+            tl.store(l_ptr + rows, l_i, mask=g_mask)
+            tl.store(acc_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=gd_mask)
+            if FUSED_REDUCE:
+                # Every thread's partial stores precede the release of the ticket.
+                tl.debug_barrier()
+                counter = ticket_ptr + seq * num_kv_heads + kv_head
+                ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+                if ticket == num_valid - 1:  # last one in: all partials are visible
+                    _merge_partials(out_ptr, m_ptr, l_ptr, acc_ptr, first, num_valid, seq,
+                                    kv_head, stride_on, stride_oh, GROUP, BLOCK_GR, HEAD_DIM,
+                                    BLOCK_D, BLOCK_P)
+                    tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # for the next launch
     else:
-        finish_here = num_valid > 0  # always
-    if finish_here:
         o = acc / l_i[:, None]
         tl.store(out_ptr + seq * stride_on + heads[:, None] * stride_oh + offs_d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=gd_mask)
-    else:
-        first = (seq * num_kv_heads + kv_head) * num_parts
-        rows = (first + part) * GROUP + offs_g  # [BLOCK_G]
-        tl.store(m_ptr + rows, m_i, mask=g_mask)
-        tl.store(l_ptr + rows, l_i, mask=g_mask)
-        tl.store(acc_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=gd_mask)
-        if FUSED_REDUCE:
-            # Every thread's partial stores precede the release of the ticket.
-            tl.debug_barrier()
-            counter = ticket_ptr + seq * num_kv_heads + kv_head
-            ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-            if ticket == num_valid - 1:  # last one in: all partials are visible
-                _merge_partials(out_ptr, m_ptr, l_ptr, acc_ptr, first, num_valid, seq, kv_head,
-                                stride_on, stride_oh, GROUP, BLOCK_GR, HEAD_DIM, BLOCK_D, BLOCK_P)
-                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next launch
 
 
 @triton.jit
 def _decode_merge_kernel(
-    out_ptr, m_ptr, l_ptr, acc_ptr, ctx_ptr, partition_size, num_parts, stride_on, stride_oh,
+    out_ptr, ws_ptr, ctx_ptr, partition_size, num_parts, stride_on, stride_oh,
     GROUP: tl.constexpr, BLOCK_GR: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
@@ -235,6 +243,10 @@ def _decode_merge_kernel(
     seq = tl.program_id(1)
     num_valid = tl.cdiv(tl.load(ctx_ptr + seq), partition_size)
     first = (seq * tl.num_programs(0) + kv_head) * num_parts
+    num_partials = tl.num_programs(1) * tl.num_programs(0) * num_parts * GROUP
+    m_ptr = ws_ptr
+    l_ptr = ws_ptr + num_partials
+    acc_ptr = ws_ptr + 2 * num_partials
     _merge_partials(out_ptr, m_ptr, l_ptr, acc_ptr, first, num_valid, seq, kv_head,
                     stride_on, stride_oh, GROUP, BLOCK_GR, HEAD_DIM, BLOCK_D, BLOCK_P)
 
@@ -272,22 +284,18 @@ def paged_decode_attention(
     num_parts = num_partitions(max_blocks, bs, tuning)
     split = num_parts > 1
     if split:
-        num_partials = n * hq * num_parts
         if workspace is None:
             workspace = DecodeWorkspace.allocate(n, hq, hkv, d, num_parts, query.device)
-        assert workspace.partials.numel() >= num_partials * (d + 2), "workspace too small"
+        assert workspace.partials.numel() >= n * hq * num_parts * (d + 2), "workspace too small"
         assert workspace.tickets.numel() >= n * hkv, "workspace too small"
-        tickets = workspace.tickets
-        m_ws = workspace.partials[:num_partials]
-        l_ws = workspace.partials[num_partials:2 * num_partials]
-        acc_ws = workspace.partials[2 * num_partials:num_partials * (d + 2)]
+        tickets, partials = workspace.tickets, workspace.partials
     else:
-        tickets = m_ws = l_ws = acc_ws = out  # unused
+        tickets = partials = out  # unused
     block_d = triton.next_power_of_2(d)
     block_gr = triton.next_power_of_2(group)
     block_p = max(1, min(triton.next_power_of_2(num_parts), 8192 // (block_gr * block_d)))
     _decode_kernel[(hkv, num_parts, n)](
-        query, k_cache, v_cache, block_tables, context_lens, out, tickets, m_ws, l_ws, acc_ws,
+        query, k_cache, v_cache, block_tables, context_lens, out, tickets, partials,
         scale * _LOG2E, tuning.partition_size,
         query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
@@ -299,7 +307,7 @@ def paged_decode_attention(
     )
     if split and not tuning.fused_reduce:
         _decode_merge_kernel[(hkv, n)](
-            out, m_ws, l_ws, acc_ws, context_lens, tuning.partition_size, num_parts,
+            out, partials, context_lens, tuning.partition_size, num_parts,
             out.stride(0), out.stride(1),
             GROUP=group, BLOCK_GR=block_gr, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_P=block_p,
             num_warps=4,
