@@ -9,6 +9,7 @@ Hand-off of one request (``GenerateRequest`` with ``prefill_worker`` set)::
 """
 
 import logging
+import time
 
 from pdserve.engine import messages as m
 from pdserve.engine.block_hash import HASH_ALGORITHM
@@ -73,11 +74,16 @@ class DecodeWorker(WorkerRuntime):
         cached_blocks = req.num_computed_tokens // e.config.block_size
         plan = self.planner.plan(msg.request_id, None, req.block_ids, cached_blocks)
         rid = msg.request_id
+        # The transfer includes the prefill peer's queueing: bound it by the request's
+        # own deadline when it has one (a dead peer is caught by its connection).
+        timeout_s = self.spec.transfer_timeout_s
+        if msg.deadline is not None:
+            timeout_s = max(1.0, msg.deadline - time.time())
         self.receiver.expect(
             plan,
             on_complete=lambda p, payload: self.local.put(lambda: self._landed(rid, payload)),
             on_error=lambda p, reason: self.local.put(lambda: self._failed(rid, reason)),
-            timeout_s=self.spec.transfer_timeout_s)
+            timeout_s=timeout_s)
         self.handoffs[rid] = msg.prefill_worker
         self.send_to(msg.prefill_worker, m.PrefillRequest(
             token=self.spec.token, request_id=rid, prompt_token_ids=msg.prompt_token_ids,

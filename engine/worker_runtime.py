@@ -43,7 +43,7 @@ class WorkerSpec:
     host: str = "127.0.0.1"
     transport: str = "tcp"
     heartbeat_s: float = 0.5
-    transfer_timeout_s: float = 30.0
+    transfer_timeout_s: float = 120.0
 
 
 def delta_to_wire(d: StepDelta, error: str | None = None) -> m.TokenDelta:

@@ -82,6 +82,7 @@ class ZmqDispatcher:
             prefill.inflight += 1
         self.decisions["remote_prefill" if prefill else "local_prefill"] += 1
         prefill_done = prefill is None
+        finished = False
         try:
             await self._send(decode.request_address, m.GenerateRequest(
                 token=self.token, request_id=request_id, prompt_token_ids=prompt_token_ids,
@@ -92,12 +93,16 @@ class ZmqDispatcher:
                 if not prefill_done:
                     prefill_done = True
                     prefill.inflight -= 1
-                yield delta
                 if delta.finished or delta.error is not None:
+                    finished = True
+                yield delta
+                if finished:
                     return
         finally:
             self._queues.pop(request_id, None)
             self._placement.pop(request_id, None)
+            if not finished:  # closed early (disconnect, time-out): stop it on the workers
+                self._send_nowait(decode.request_address, m.Abort(self.token, request_id))
             decode.inflight -= 1
             if not prefill_done:
                 prefill.inflight -= 1
@@ -135,6 +140,12 @@ class ZmqDispatcher:
             sock.connect(address)
             self._push[address] = sock
         await sock.send(m.encode(msg))
+
+    def _send_nowait(self, address: str, msg) -> None:
+        """Queue a frame without awaiting (safe inside a closing generator)."""
+        sock = self._push.get(address)
+        if sock is not None:
+            sock.send(m.encode(msg), zmq.NOBLOCK)
 
     async def _receive(self) -> None:
         while True:

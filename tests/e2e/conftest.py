@@ -1,0 +1,104 @@
+"""Start real ``pdserve serve`` processes (router + workers) for end-to-end tests."""
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+import yaml
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Served:
+    url: str
+    port: int
+    proc: subprocess.Popen
+    lines: list[str] = field(default_factory=list)
+
+    def status(self) -> dict:
+        out = subprocess.run([sys.executable, "-m", "pdserve.router.cli", "status", "--json",
+                              "--port", str(self.port)], capture_output=True, text=True,
+                             timeout=30, check=True)
+        import json
+
+        return json.loads(out.stdout)
+
+    def wait_quiet(self, timeout_s: float = 30.0) -> dict:
+        """Wait until every worker reports every block free and nothing running."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            st = self.status()
+            ws = st["workers"]
+            if all(w["free_blocks"] == w["total_blocks"] and w["running"] == 0
+                   and w["waiting"] == 0 and w["pending_transfers"] == 0 for w in ws):
+                return st
+            if time.monotonic() > deadline:
+                return st
+            time.sleep(0.3)
+
+
+def write_config(tmp_path, port: int, **overrides) -> str:
+    cfg = {
+        "model": "smollm2-135m",
+        "mode": "disaggregated",
+        "transport": "tcp",
+        "router": {"host": "127.0.0.1", "port": port, "request_timeout_s": 120},
+        "engine": {"device": "cpu", "num_blocks": 512, "max_num_seqs": 48,
+                   "max_num_batched_tokens": 256},
+        "workers": [{"name": "prefill0", "role": "prefill"},
+                    {"name": "decode0", "role": "decode"}],
+    }
+    for k, v in overrides.items():
+        cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
+    path = tmp_path / f"serve-{port}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def start_serve(config_path: str, port: int, timeout_s: float = 240.0) -> Served:
+    proc = subprocess.Popen([sys.executable, "-m", "pdserve.router.cli", "serve", config_path,
+                             "--port", str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    served = Served(f"http://127.0.0.1:{port}", port, proc)
+
+    def pump():
+        for line in iter(proc.stdout.readline, ""):
+            served.lines.append(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + timeout_s
+    while not any("pdserve: serving" in ln for ln in served.lines):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("pdserve serve did not start:\n" + "".join(served.lines))
+        time.sleep(0.2)
+    httpx.get(served.url + "/health", timeout=10).raise_for_status()
+    return served
+
+
+def stop_serve(served: Served) -> int:
+    served.proc.terminate()
+    try:
+        return served.proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        served.proc.kill()
+        return -9
+
+
+@pytest.fixture(scope="session")
+def reference_llm():
+    from pdserve import LLM
+
+    return LLM("smollm2-135m", num_blocks=256)
