@@ -14,6 +14,7 @@
    launch shapes and records them.
 
 Prints a table last; writes ``kernels_h200.json`` to $OUT (if set) or bench/results.
+``--plot bench/results/kernels_h200.json`` draws the decode sweep (no GPU needed).
 """
 
 import argparse
@@ -362,12 +363,53 @@ def git_rev(arg):
         return os.environ.get("PDSERVE_REV", "unknown")
 
 
+def plot_decode_sweep(json_path: str) -> str:
+    """Decode time against partition size, per case and launch shape (needs a --sweep run)."""
+    import re
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(json_path) as f:
+        result = json.load(f)
+    fig, axes = plt.subplots(1, len(result["decode"]), figsize=(4.2 * len(result["decode"]), 3.6))
+    pattern = (r"partition_size=(\d+), block_n=(\d+), num_warps=\d+, num_stages=(\d+)"
+               r"(?:, fused_reduce=(\w+))?")
+    for ax, case in zip(axes, result["decode"], strict=True):
+        lines = {}
+        for row in case.get("sweep", []):
+            part, bn, stages, fused = re.search(pattern, row["tuning"]).groups()
+            merge = ", merge kernel" if fused == "False" else ""
+            label = f"block_n {bn}, {stages} stages{merge}"
+            lines.setdefault(label, []).append((int(part), row["ms"] * 1e3))
+        for label, pts in sorted(lines.items()):
+            ax.plot(*zip(*sorted(pts), strict=True), marker="o", label=label)
+        if "sdpa_ms" in case:
+            ax.axhline(case["sdpa_ms"] * 1e3, color="k", ls="--", label="torch SDPA, contiguous")
+        ax.set_xscale("log", base=2)
+        ax.set_title(case["case"], fontsize=10)
+        ax.set_xlabel("partition size (tokens)")
+        ax.set_ylabel("us (do_bench median)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"paged decode, {result['gpu']}, rev {result['rev'][:10]}", fontsize=10)
+    fig.tight_layout()
+    png = json_path.replace(".json", "_decode_sweep.png")
+    fig.savefig(png, dpi=110)
+    return png
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rev", default=None, help="git revision (when the copy has no .git)")
     ap.add_argument("--sweep", action="store_true", help="also time other launch shapes")
     ap.add_argument("--skip-checks", action="store_true")
+    ap.add_argument("--plot", metavar="JSON", help="only plot the decode sweep of a result file")
     args = ap.parse_args()
+    if args.plot:
+        print("wrote", plot_decode_sweep(args.plot))
+        return
     torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
     random.seed(os.urandom(8))
     result = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv),
