@@ -1,33 +1,15 @@
-"""The control plane's messages and stubs, compiled from ``pdserve_control.proto`` at
-import time by grpcio-tools (so the generated code always matches the installed
-grpcio/protobuf), plus the worker-side client.
+"""The control plane's messages and stubs (generated from ``pdserve_control.proto`` by
+``control_codegen.py`` and committed), plus the worker-side client.
 
 Public names: ``pb`` (messages), ``rpc`` (stubs/servicer base), ``ControlClient``.
 """
 
-import functools
-import sys
-from pathlib import Path
-
 import grpc
 
-_PROTO = "pdserve_control.proto"
+from pdserve.engine import pdserve_control_pb2 as pb
+from pdserve.engine import pdserve_control_pb2_grpc as rpc
 
-
-@functools.cache
-def _compile():
-    here = str(Path(__file__).resolve().parent)
-    added = here not in sys.path
-    if added:
-        sys.path.insert(0, here)
-    try:
-        return grpc.protos_and_services(_PROTO)
-    finally:
-        if added:
-            sys.path.remove(here)
-
-
-pb, rpc = _compile()
+__all__ = ["pb", "rpc", "ControlClient"]
 
 
 class ControlClient:
