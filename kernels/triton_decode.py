@@ -197,7 +197,7 @@ def _decode_kernel(
         m_i = m_new
 
     if SPLIT:
-        num_valid = tl.cdiv(ctx, partition_size)
+        num_valid = tl.minimum(tl.cdiv(ctx, partition_size), num_parts)  # programs that ran
         if FUSED_REDUCE:
             finish_here = num_valid == 1
         else:
@@ -241,7 +241,7 @@ def _decode_merge_kernel(
 ):
     kv_head = tl.program_id(0)
     seq = tl.program_id(1)
-    num_valid = tl.cdiv(tl.load(ctx_ptr + seq), partition_size)
+    num_valid = tl.minimum(tl.cdiv(tl.load(ctx_ptr + seq), partition_size), num_parts)
     first = (seq * tl.num_programs(0) + kv_head) * num_parts
     num_partials = tl.num_programs(1) * tl.num_programs(0) * num_parts * GROUP
     m_ptr = ws_ptr

@@ -21,6 +21,7 @@ finds its sequence by binary search over ``query_start_loc``. Within a
 sequence the heaviest tile (the last rows) starts first.
 """
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -41,6 +42,11 @@ class PrefillTuning:
     num_stages: int = 3
 
 
+@functools.lru_cache(maxsize=8)
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def default_tuning(head_dim: int, dtype: torch.dtype, device: torch.device,
                    num_query_rows: int = 1 << 30) -> PrefillTuning:
     """``num_query_rows``: new tokens times query heads; small batches get smaller tiles."""
@@ -48,8 +54,7 @@ def default_tuning(head_dim: int, dtype: torch.dtype, device: torch.device,
         return PrefillTuning(block_m=32, block_n=32, num_warps=4, num_stages=1)
     if dtype == torch.float32:
         return PrefillTuning(block_m=64, block_n=32, num_warps=4, num_stages=2)
-    num_sms = torch.cuda.get_device_properties(device).multi_processor_count
-    if head_dim > 128 or num_query_rows // 128 < 2 * num_sms:
+    if head_dim > 128 or num_query_rows // 128 < 2 * _num_sms(device):
         return PrefillTuning(block_m=64, block_n=64, num_warps=4, num_stages=2 if head_dim > 128
                              else 3)
     return PrefillTuning()
