@@ -3,6 +3,7 @@
     pdserve serve CONFIG [--port N]        start the router and every worker of CONFIG
     pdserve status [--json] [--port N]     ask the router at that port about its workers
     pdserve bench ...                      replay a workload against the HTTP API
+    pdserve sim TRACE [--policy P] [--json]  replay a trace through the selector, simulated
 """
 
 import argparse
@@ -77,8 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--port", type=int, default=8000)
     st.add_argument("--host", default="127.0.0.1")
     sub.add_parser("bench", help="load generator (see pdserve bench --help)", add_help=False)
+    sub.add_parser("sim", help="cluster simulator (see pdserve sim --help)", add_help=False)
     if argv and argv[0] == "bench":
         return _bench(None, argv[1:])
+    if argv and argv[0] == "sim":
+        from pdserve.bench.simulator import main as sim_main
+
+        return sim_main(argv[1:])
     args = ap.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
