@@ -33,5 +33,9 @@ def run_worker(worker_cls, argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, _stop)
     print(f"{spec.role} worker {spec.worker_id} ready (pid {__import__('os').getpid()}, "
           f"{worker.engine.pool.num_blocks} KV blocks)", flush=True)
-    worker.run()
+    try:
+        worker.run()
+    except RuntimeError as exc:  # e.g. the router refused the registration
+        print(f"{spec.role} worker {spec.worker_id}: {exc}", flush=True)
+        sys.exit(2)
     print(f"{spec.role} worker {spec.worker_id} stopped", flush=True)

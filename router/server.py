@@ -56,6 +56,7 @@ async def serve(cfg: ServeConfig, port: int | None = None, out=None) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    print(f"pdserve: control plane at {control_address}", file=out, flush=True)
     procs = start_workers(cfg, control_address, out)
     code = 0
     try:

@@ -12,6 +12,7 @@ from pdserve import SamplingParams
 from pdserve.engine.tokenizer import apply_chat_template
 from tests.e2e.conftest import free_port, start_serve, stop_serve
 
+TOKEN = "e2e-cluster-token"
 QUESTIONS = ["What is the capital of France?",
              "Write two sentences about the moon and its phases."]
 
@@ -26,6 +27,8 @@ def served():
     tmp = Path(__import__("tempfile").mkdtemp())
     cfg = tmp / "local.yaml"
     shutil.copy(local, cfg)
+    with open(cfg, "a") as f:  # the shipped config, plus a token this test knows
+        f.write(f"cluster_token: {TOKEN}\n")
     s = start_serve(str(cfg), port)
     yield s
     assert stop_serve(s) == 0
@@ -147,3 +150,33 @@ def test_bad_requests_get_openai_errors_and_server_keeps_serving(served):
         r = c.post("/v1/chat/completions", json={"model": "smollm2-135m", "max_tokens": 3,
                                                  "messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+def _control_address(served) -> str:
+    line = next(ln for ln in served.lines if "pdserve: control plane at" in ln)
+    return line.rsplit(" ", 1)[1].strip()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"token": "not-the-cluster-token"}, "cluster token mismatch"),
+    ({"engine": {"block_size": 32}}, "block_size mismatch: cluster uses 16"),
+])
+def test_worker_with_wrong_token_or_block_size_is_refused(served, change, message):
+    import json
+    import subprocess
+    import sys
+
+    spec = {"worker_id": "intruder", "role": "decode",
+            "control_address": _control_address(served), "token": "x",
+            "engine": {"model": "smollm2-135m", "device": "cpu", "num_blocks": 64}}
+    if "token" not in change:  # right token, wrong block size
+        spec["token"] = TOKEN
+    spec.update({k: v for k, v in change.items() if k != "engine"})
+    spec["engine"].update(change.get("engine", {}))
+    proc = subprocess.run([sys.executable, "-m", "pdserve.decode", json.dumps(spec)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert message in proc.stdout
+    assert "router refused registration" in proc.stdout
+    names = [w["name"] for w in served.status()["workers"]]
+    assert "intruder" not in names
