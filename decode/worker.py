@@ -5,7 +5,11 @@ Hand-off of one request (``GenerateRequest`` with ``prefill_worker`` set)::
     reserve blocks (prefix hits kept) -> receiver.expect(plan) -> PrefillRequest to P
     ... P pushes KV layer by layer, then a finish frame carrying PrefillDone ...
     on_complete (fabric thread) -> loop: engine.complete_transfer -> first token out
-    on_error / abort / deadline  -> engine.abort (blocks freed) + Abort to P
+    on_error (peer dead, time-out, bad KV) or Reroute from the router
+                                 -> free the reserved blocks, prefill here instead
+                                    (the next attempt; late frames of the old one
+                                    are refused by the receiver)
+    abort / deadline             -> engine.abort (blocks freed) + Abort to P
 """
 
 import logging
@@ -28,7 +32,8 @@ class DecodeWorker(WorkerRuntime):
         self.receiver = KVReceiver(e.kv_cache.layers, self.identity, spec.token,
                                    transport=spec.transport, host=spec.host)
         self.planner = KVConnectorScheduler(e.model_config.num_layers)
-        self.handoffs: dict[str, str] = {}  # request id -> prefill worker's address
+        self.handoffs: dict[str, tuple[str, m.GenerateRequest]] = {}  # id -> (prefill, msg)
+        self.fallbacks = 0  # hand-offs that failed and were prefilled here instead
         self.retry: list[m.GenerateRequest] = []  # hand-offs waiting for free blocks
 
     def kv_address(self) -> str:
@@ -45,6 +50,12 @@ class DecodeWorker(WorkerRuntime):
             self._generate(msg)
         elif isinstance(msg, m.Abort):
             self.abort(msg.request_id, "client")
+        elif isinstance(msg, m.Reroute):
+            if msg.request_id in self.handoffs:
+                self.receiver.cancel(make_transfer_id(msg.request_id, 0),
+                                     f"rerouted: {msg.reason}")
+        elif isinstance(msg, m.Stall) and self.spec.engine.extra.get("fault_injection"):
+            time.sleep(msg.seconds)
         else:
             log.warning("decode worker ignores %s", type(msg).__name__)
 
@@ -84,7 +95,7 @@ class DecodeWorker(WorkerRuntime):
             on_complete=lambda p, payload: self.local.put(lambda: self._landed(rid, payload)),
             on_error=lambda p, reason: self.local.put(lambda: self._failed(rid, reason)),
             timeout_s=timeout_s)
-        self.handoffs[rid] = msg.prefill_worker
+        self.handoffs[rid] = (msg.prefill_worker, msg)
         self.send_to(msg.prefill_worker, m.PrefillRequest(
             token=self.spec.token, request_id=rid, prompt_token_ids=msg.prompt_token_ids,
             sampling=msg.sampling, decode_worker=self.request_address,
@@ -92,9 +103,8 @@ class DecodeWorker(WorkerRuntime):
             dst_block_ids=list(plan.dst_block_ids), deadline=msg.deadline))
 
     def _landed(self, request_id: str, payload: bytes) -> None:
-        self.handoffs.pop(request_id, None)
-        if request_id not in self.engine.scheduler.requests:
-            return  # aborted meanwhile; blocks already freed
+        if self.handoffs.pop(request_id, None) is None:
+            return  # aborted or rerouted meanwhile; blocks already freed
         try:
             done = m.decode(payload)
             assert isinstance(done, m.PrefillDone) and done.request_id == request_id
@@ -118,18 +128,24 @@ class DecodeWorker(WorkerRuntime):
         self.publish([wire])
 
     def _failed(self, request_id: str, reason: str) -> None:
-        prefill = self.handoffs.pop(request_id, None)
-        self.deadlines.pop(request_id, None)
-        if self.engine.abort(request_id):
-            self.publish([m.TokenDelta(request_id=request_id, token_ids=[], text="",
-                                       finished=True, finish_reason="abort",
-                                       error=f"KV transfer failed: {reason}")])
-        if prefill is not None:
-            self.send_to(prefill, m.Abort(self.spec.token, request_id))
+        """The hand-off failed: route around the prefill peer by prefilling here."""
+        entry = self.handoffs.pop(request_id, None)
+        if entry is None:
+            return  # aborted by the client meanwhile: nothing to do
+        prefill, msg = entry
+        self.send_to(prefill, m.Abort(self.spec.token, request_id))
+        self.engine.abort(request_id)  # frees the reserved blocks
+        log.warning("hand-off of %s failed (%s); prefilling locally", request_id, reason)
+        self.fallbacks += 1
+        try:
+            self.engine.add_request(request_id, msg.prompt_token_ids, msg.sampling.to_params())
+        except ValueError as exc:
+            self.deadlines.pop(request_id, None)
+            self._reject(request_id, f"KV transfer failed ({reason}); local prefill: {exc}")
 
     def abort(self, request_id: str, reason: str) -> None:
-        prefill = self.handoffs.pop(request_id, None)
-        if prefill is not None:
+        entry = self.handoffs.pop(request_id, None)
+        if entry is not None:
             self.receiver.cancel(make_transfer_id(request_id, 0), reason)
-            self.send_to(prefill, m.Abort(self.spec.token, request_id))
+            self.send_to(entry[0], m.Abort(self.spec.token, request_id))
         super().abort(request_id, reason)

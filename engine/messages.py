@@ -1,6 +1,7 @@
 """Messages of the request/token plane (ZeroMQ + msgspec msgpack; nothing pickled).
 
     router --GenerateRequest/Abort--> decode worker (or colocated worker)
+    router --Reroute--> decode worker       (its prefill peer was ejected)
     decode --PrefillRequest/Abort--> prefill worker
     prefill --PrefillDone--> decode          (after the last KV layer is sent)
     worker --TokenBatch--> router            (one message per step, many sequences)
@@ -72,6 +73,22 @@ class Abort(msgspec.Struct, tag="abort", frozen=True):
     request_id: str
 
 
+class Reroute(msgspec.Struct, tag="reroute", frozen=True):
+    """Router -> decode: the prefill peer of this request is gone; prefill it here."""
+
+    token: str
+    request_id: str
+    reason: str = ""
+
+
+class Stall(msgspec.Struct, tag="stall", frozen=True):
+    """Fault injection (only honoured when the worker was started with it enabled):
+    block the engine loop for ``seconds`` while the heartbeat thread keeps answering."""
+
+    token: str
+    seconds: float
+
+
 class TokenDelta(msgspec.Struct, frozen=True, omit_defaults=True):
     request_id: str
     token_ids: list[int]
@@ -93,7 +110,7 @@ class TokenBatch(msgspec.Struct, tag="tokens", frozen=True):
     deltas: list[TokenDelta]
 
 
-Message = GenerateRequest | PrefillRequest | PrefillDone | Abort | TokenBatch
+Message = GenerateRequest | PrefillRequest | PrefillDone | Abort | TokenBatch | Reroute | Stall
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

@@ -8,6 +8,7 @@ request's blocks are released (they stay in the prefix cache).
 """
 
 import logging
+import time
 
 from pdserve.engine import messages as m
 from pdserve.engine.block_hash import HASH_ALGORITHM
@@ -60,6 +61,8 @@ class PrefillWorker(WorkerRuntime):
                 self.deadlines[msg.request_id] = msg.deadline
         elif isinstance(msg, m.Abort):
             self.abort(msg.request_id, "aborted by the decode side")
+        elif isinstance(msg, m.Stall) and self.spec.engine.extra.get("fault_injection"):
+            time.sleep(msg.seconds)
         else:
             log.warning("prefill worker ignores %s", type(msg).__name__)
 

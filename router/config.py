@@ -53,6 +53,7 @@ class ServeConfig:
     engine: dict
     workers: tuple[WorkerConfig, ...]
     launcher: str = "local"
+    fault_injection: bool = False  # tests only: workers honour Stall messages
 
     def worker_engine(self, w: WorkerConfig) -> dict:
         return {"model": self.model, **self.engine, **w.engine}
@@ -99,7 +100,7 @@ def load_config(path: str | os.PathLike) -> ServeConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: the top level must be a mapping")
     _check_keys("", raw, ("model", "mode", "transport", "cluster_token", "router", "engine",
-                          "workers", "launcher"), p)
+                          "workers", "launcher", "fault_injection"), p)
     model = _typed(p, "model", raw.get("model", "smollm2-135m"), str)
     mode = raw.get("mode", "disaggregated")
     if mode not in MODES:
@@ -171,6 +172,8 @@ def load_config(path: str | os.PathLike) -> ServeConfig:
         raise ConfigError(f"{p}: key 'mode' is colocated but a worker has role prefill")
     if mode == "disaggregated" and "prefill" not in roles:
         raise ConfigError(f"{p}: key 'mode' is disaggregated but no worker has role prefill")
+    fault_injection = _typed(p, "fault_injection", raw.get("fault_injection", False), bool)
     return ServeConfig(path=p, model=model, mode=mode, transport=transport,
                        cluster_token=token, router=router, engine=engine,
-                       workers=tuple(workers), launcher=launcher)
+                       workers=tuple(workers), launcher=launcher,
+                       fault_injection=fault_injection)

@@ -19,9 +19,14 @@ POOL_MODULE = {"prefill": "pdserve.prefill", "decode": "pdserve.decode",
 
 def worker_spec_json(cfg: ServeConfig, w: WorkerConfig, control_address: str) -> str:
     engine = cfg.worker_engine(w)
+    extra = {}
     load_format = engine.pop("load_format", None)
     if load_format:
-        engine["extra"] = {"load_format": load_format}
+        extra["load_format"] = load_format
+    if cfg.fault_injection:
+        extra["fault_injection"] = True
+    if extra:
+        engine["extra"] = extra
     return json.dumps({"worker_id": w.name, "role": w.role, "control_address": control_address,
                        "token": cfg.cluster_token, "engine": engine, "host": w.host,
                        "transport": cfg.transport})
