@@ -101,7 +101,9 @@ async def run_workload(target: Target, specs: list[RequestSpec], bodies: list[di
     from tqdm.auto import tqdm
 
     headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    # idle connections expire before uvicorn's 5 s keep-alive closes them under us
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None,
+                          keepalive_expiry=2.0)
     timeout = httpx.Timeout(target.timeout_s, connect=30.0)
     gate = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     bar = tqdm(total=len(specs), desc=desc, unit="req", disable=not progress, leave=False)

@@ -156,7 +156,8 @@ def format_summary(label: str, s: dict) -> str:
             f"{s['request_throughput']:.2f} req/s, {s['output_token_throughput']:.1f} out tok/s"
             f" | TTFT p50/p99 {ms('ttft_ms', 'p50')}/{ms('ttft_ms', 'p99')} ms | TPOT p50/p99 "
             f"{ms('tpot_ms', 'p50')}/{ms('tpot_ms', 'p99')} ms | goodput "
-            f"{s['goodput']:.2f} req/s ({100 * s['slo_attainment']:.0f}% in SLO)")
+            f"{s['goodput']:.2f} req/s ({100 * s['slo_attainment']:.0f}% in SLO)"
+            + (f" | errors {s['errors']}" if s["errors"] else ""))
 
 
 def _finite(value):
