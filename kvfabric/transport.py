@@ -9,6 +9,8 @@ the data path for LAYER data:
     nixl  a one-sided NIXL WRITE from registered prefill KV memory straight
           into registered decode KV memory; its notification is the LAYER
           header (``nixl.py``)
+    nccl  a 2-rank torch.distributed group per pair (gloo on CPU tensors),
+          rendezvous in the Welcome; one send per layer (``nccl.py``)
 
 ``get_transport(name)`` returns a fresh transport object; pass the same
 object to several ``KVSender``s to share one NIXL agent and registration.
@@ -87,7 +89,7 @@ class Transport:
 
 
 def get_transport(name: str) -> Transport:
-    """A new transport object by name (``"tcp"`` or ``"nixl"``).
+    """A new transport object by name (``"tcp"``, ``"nixl"`` or ``"nccl"``).
 
     Raises ValueError for an unknown name and FabricTransportUnavailable
     (an ImportError naming the package) when its package is missing.
@@ -98,10 +100,13 @@ def get_transport(name: str) -> Transport:
     if name == "nixl":
         from pdserve.kvfabric.nixl import NixlTransport
         return NixlTransport()
+    if name == "nccl":
+        from pdserve.kvfabric.nccl import NcclTransport
+        return NcclTransport()
     raise ValueError(f"unknown KV transport {name!r}; choose one of {list(TRANSPORT_NAMES)}")
 
 
-TRANSPORT_NAMES = ("tcp", "nixl")
+TRANSPORT_NAMES = ("tcp", "nixl", "nccl")
 
 
 def resolve_transport(transport: str | Transport) -> Transport:
