@@ -204,6 +204,16 @@ def create_app(dispatcher: Dispatcher, api_keys: list[str] | None = None,
     metrics = RouterMetrics()
     app.state.dispatcher = dispatcher
     app.state.metrics = metrics
+    live_client_ids: set[str] = set()  # X-Request-Id values of requests in flight
+
+    async def released(client_id: str | None, deltas: AsyncIterator[TokenDelta]):
+        try:
+            async for d in deltas:
+                yield d
+        finally:
+            live_client_ids.discard(client_id)
+            with anyio.CancelScope(shield=True):
+                await deltas.aclose()
 
     async def generate(request: Request, kind: str) -> Response:
         echo = {"X-Request-Id": request.headers["x-request-id"]} \
@@ -217,13 +227,21 @@ def create_app(dispatcher: Dispatcher, api_keys: list[str] | None = None,
         except ApiError as err:
             metrics.count(kind, err.status_code)
             return _error_response(err, echo)
+        client_id = request.headers.get("x-request-id")
+        if client_id is not None:
+            if client_id in live_client_ids:
+                metrics.count(kind, 409)
+                return _error_response(ApiError(
+                    409, f"request id {client_id!r} is already in flight", param="X-Request-Id",
+                    code="duplicate_request_id"), echo)
+            live_client_ids.add(client_id)
         request_id = uuid.uuid4().hex
         deadline = None if request_timeout_s is None else time.time() + request_timeout_s
         tracker = metrics.start(kind)
         builder = ResponseBuilder(kind, _ID_PREFIX[kind] + request_id, dispatcher.model_name,
                                   int(time.time()), dispatcher.tokenizer,
                                   len(req.prompt_token_ids), req.include_usage)
-        deltas = relay(dispatcher, request_id, req, deadline, tracker)
+        deltas = released(client_id, relay(dispatcher, request_id, req, deadline, tracker))
         num_prompt = len(req.prompt_token_ids)
         try:
             if req.stream:  # wait for the first token, so an early failure gets its status

@@ -29,6 +29,7 @@ def served():
     shutil.copy(local, cfg)
     with open(cfg, "a") as f:  # the shipped config, plus a token this test knows
         f.write(f"cluster_token: {TOKEN}\n")
+    cfg.write_text(cfg.read_text().replace("request_timeout_s: 600", "request_timeout_s: 45"))
     s = start_serve(str(cfg), port)
     yield s
     assert stop_serve(s) == 0
@@ -123,6 +124,17 @@ def test_disconnect_mid_stream_frees_blocks_on_both_workers(served):
             if n >= 5:
                 break  # leave mid-stream
     time.sleep(0.5)
+    st = served.wait_quiet()
+    for w in st["workers"]:
+        assert w["free_blocks"] == w["total_blocks"] and w["running"] == 0, w
+
+
+def test_timeout_frees_blocks_on_both_workers(served):
+    with httpx.Client(base_url=served.url, timeout=120) as c:
+        r = c.post("/v1/chat/completions", json={
+            "model": "smollm2-135m", "max_tokens": 6000, "ignore_eos": True,
+            "messages": [{"role": "user", "content": "Tell me a very long story."}]})
+    assert r.status_code == 504 and r.json()["error"]["message"]
     st = served.wait_quiet()
     for w in st["workers"]:
         assert w["free_blocks"] == w["total_blocks"] and w["running"] == 0, w
