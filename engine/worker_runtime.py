@@ -25,6 +25,7 @@ from pdserve.engine import messages as m
 from pdserve.engine.block_hash import HASH_ALGORITHM
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.control_plane import ControlClient, pb
+from pdserve.engine.kv_events import KVEventPublisher
 from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.outputs import StepDelta
 
@@ -58,6 +59,37 @@ def delta_to_wire(d: StepDelta, error: str | None = None) -> m.TokenDelta:
         error=error)
 
 
+class StepStats:
+    """Cumulative step counters for the router's cost model (``LoadReport`` fields).
+    Written by the loop thread, read by the heartbeat thread (ints and floats)."""
+
+    def __init__(self) -> None:
+        self.prefill_steps = self.prefill_tokens = 0
+        self.prefill_attn_tokens = self.prefill_seconds = 0.0
+        self.decode_steps = self.decode_seqs = self.decode_ctx_tokens = 0
+        self.decode_seconds = 0.0
+
+    def add(self, schedule, seconds: float) -> None:
+        """Account one step (its ``SchedulerOutput``, read after the step ran)."""
+        before = [(s.num_new_tokens, s.request.num_computed_tokens - s.num_new_tokens,
+                   s.request.num_prompt_tokens) for s in schedule.scheduled]
+        if any(done < prompt for _, done, prompt in before):
+            self.prefill_steps += 1
+            self.prefill_tokens += sum(n for n, _, _ in before)
+            self.prefill_attn_tokens += sum(n * (done + n / 2) for n, done, _ in before)
+            self.prefill_seconds += seconds
+        else:
+            self.decode_steps += 1
+            self.decode_seqs += len(before)
+            self.decode_ctx_tokens += sum(done + n for n, done, _ in before)
+            self.decode_seconds += seconds
+
+    def fields(self) -> dict:
+        return {k: getattr(self, k) for k in (
+            "prefill_steps", "prefill_tokens", "prefill_attn_tokens", "prefill_seconds",
+            "decode_steps", "decode_seqs", "decode_ctx_tokens", "decode_seconds")}
+
+
 class WorkerRuntime:
     """Base class: subclasses implement ``handle`` (token-plane messages) and may
     override ``step`` and ``handle_local``."""
@@ -76,6 +108,8 @@ class WorkerRuntime:
         self.deadlines: dict[str, float] = {}
         self.control = ControlClient(spec.control_address, spec.token)
         self.out: zmq.Socket | None = None
+        self.kv_events = KVEventPublisher(self.ctx, spec.worker_id, spec.token, spec.host)
+        self.step_stats = StepStats()
 
     # ---- registration and heartbeat ---------------------------------------------------
     def kv_address(self) -> str:
@@ -97,7 +131,8 @@ class WorkerRuntime:
             dtype=str(e.dtype).removeprefix("torch."), hash_seed=e.config.hash_seed,
             hash_algorithm=HASH_ALGORITHM, total_blocks=e.pool.num_blocks,
             transport=self.spec.transport, max_model_len=e.max_model_len,
-            pid=__import__("os").getpid())
+            pid=__import__("os").getpid(), events_address=self.kv_events.address,
+            snapshot_address=self.kv_events.snapshot_address)
         token_address = self.control.register(info)
         self.out = self.ctx.socket(zmq.PUSH)
         self.out.setsockopt(zmq.LINGER, 0)
@@ -115,7 +150,8 @@ class WorkerRuntime:
                     total_blocks=e.pool.num_blocks, kv_bytes_sent=sent,
                     kv_bytes_received=received, steps=e.num_steps,
                     loop_age_s=time.monotonic() - self.loop_time,
-                    queued_prefill_tokens=queued, pending_transfers=self.pending_transfers())
+                    queued_prefill_tokens=queued, pending_transfers=self.pending_transfers(),
+                    **self.step_stats.fields())
             except Exception as exc:  # router gone or slow: keep serving, log once a beat
                 log.warning("heartbeat failed: %s", exc)
 
@@ -170,7 +206,13 @@ class WorkerRuntime:
                 fn()
             self._expire_deadlines()
             if self.engine.has_unfinished():
-                self.publish(self.step())
+                steps, t0 = self.engine.num_steps, time.perf_counter()
+                deltas = self.step()
+                if self.engine.num_steps != steps:
+                    self.step_stats.add(self.engine.current_schedule, time.perf_counter() - t0)
+                self.publish(deltas)
+            self.kv_events.publish(self.engine.pool.take_events())
+            self.kv_events.serve_snapshots()
 
     def _expire_deadlines(self) -> None:
         if not self.deadlines:

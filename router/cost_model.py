@@ -19,9 +19,9 @@ Calibration (``Calibrator``): each load report carries cumulative counters
 sequences / context tokens / seconds, KV bytes / seconds). The difference
 between two reports of a worker is one sample of the formula summed over the
 steps in between. We keep the last ``window`` samples per formula and solve a
-ridge least squares pulled towards the profile's coefficients, so a cluster
-with few samples predicts with the profile and one with many with its own
-measurements. Bandwidth is an EWMA of bytes / seconds.
+ridge least squares pulled towards the profile's coefficients (the prior weighs
+as much as ``strength`` typical samples), so a cluster with few samples predicts
+near the profile and one with many with its own measurements. Bandwidth is an EWMA of bytes / seconds.
 
 Public names: ``CostModel``, ``load_profile``, ``Calibrator``.
 """
@@ -113,7 +113,7 @@ class Calibrator:
     """Fits a ``CostModel`` from load reports. Mutated by ``observe``; ``model`` is the
     current fit (a frozen value, safe to hand out)."""
 
-    def __init__(self, profile: CostModel, window: int = 64, strength: float = 1e-3,
+    def __init__(self, profile: CostModel, window: int = 64, strength: float = 4.0,
                  ewma: float = 0.2) -> None:
         self.profile = profile
         self.model = profile
@@ -165,12 +165,12 @@ class Calibrator:
         if self._prefill:
             s = np.array(self._prefill, dtype=float)
             prior = np.array([getattr(p, k) for k in PREFILL_KEYS])
-            w = ridge_fit(s[:, :3], s[:, 3], prior, self.strength * len(s))
+            w = ridge_fit(s[:, :3], s[:, 3], prior, self.strength)
             upd.update(zip(PREFILL_KEYS, map(float, w), strict=True))
         if self._decode:
             s = np.array(self._decode, dtype=float)
             prior = np.array([getattr(p, k) for k in DECODE_KEYS])
-            w = ridge_fit(s[:, :3], s[:, 3], prior, self.strength * len(s))
+            w = ridge_fit(s[:, :3], s[:, 3], prior, self.strength)
             upd.update(zip(DECODE_KEYS, map(float, w), strict=True))
         if self._bandwidth is not None:
             upd["bandwidth_bytes_s"] = self._bandwidth

@@ -26,6 +26,8 @@ class WorkerState:
     ejected_until: float = 0.0
     num_ejections: int = 0
     inflight: int = 0  # requests the router has sent and not seen finish
+    events_address: str = ""  # KV events PUB endpoint (router/kv_events.py)
+    snapshot_address: str = ""
 
 
 @dataclass(frozen=True)
@@ -69,8 +71,17 @@ class Registry:
             worker_id=info.worker_id, role=info.role, request_address=info.request_address,
             kv_address=info.kv_address, total_blocks=info.total_blocks,
             max_model_len=info.max_model_len, pid=info.pid, registered_at=now,
-            last_report_at=now)
+            last_report_at=now, events_address=info.events_address,
+            snapshot_address=info.snapshot_address)
         return None
+
+    def hash_params(self) -> tuple[int, int]:
+        """(block_size, hash_seed) the cluster hashes prompts with. Pure."""
+        e = self.expect
+        block_size = e.block_size if e.block_size is not None else self._first.get(
+            "block_size", 16)
+        seed = e.hash_seed if e.hash_seed is not None else self._first.get("hash_seed", 0)
+        return block_size, seed
 
     def report(self, worker_id: str, fields: dict) -> bool:
         """Record a load report. False if the worker is unknown. Mutates the table."""

@@ -15,13 +15,20 @@ with one cost line, lower is better (seconds)::
       transfer = transfer(prompt blocks D lacks, P -> D)      (remote only)
     tpot  = decode_step(D's batch + 1, D's context + prompt)
     cost  = ttft + tpot_weight * max_tokens * tpot
+          + local_weight * compute * (D's batch + 1)                 (local only)
+
+The last term charges a local prefill for the decode time it takes from D: every
+sequence of D's batch, and the request itself, waits while D computes the prompt
+(a remote prefill leaves D decoding). So a short or mostly cached prompt stays
+local, a long uncached one goes to a prefill worker.
 
 A candidate is *feasible* when D has the free blocks for the prompt blocks it lacks
-plus the answer's; it *meets the SLO* when its ttft and tpot are within the
-targets. The choice is the lowest cost among those meeting the SLO, else among
-the feasible ones (``Choice.meets_slo`` says which; admission decides what to
-do). At ``temperature`` 0 it is the argmin (ties: the first in worker order); above
-zero it samples ``p ~ exp(-(cost - min) / temperature)`` with the caller's rng.
+plus one for the answer (as engines admit: the rest is found or preempted later);
+it *meets the SLO* when its ttft and tpot are within the targets. The choice is
+the lowest cost among those meeting the SLO, else among the feasible ones
+(``Choice.meets_slo`` says which; admission decides what to do). At temperature
+0 it is the argmin (ties: the first in worker order); above zero it samples
+``p ~ exp(-(cost - min) / temperature)`` with the caller's rng.
 
 Overrides pin a decode or prefill worker or force local / remote prefill. The
 returned ``Choice`` carries the chosen candidate's terms for the log.
@@ -109,7 +116,7 @@ class Choice:
 
 
 def _score(req: RequestView, p: WorkerView | None, d: WorkerView, cost: CostModel,
-           tpot_weight: float) -> Candidate:
+           tpot_weight: float, local_weight: float) -> Candidate:
     b = cost.block_size
     n = req.num_prompt_tokens
     num_prompt_blocks = -(-n // b)
@@ -118,8 +125,9 @@ def _score(req: RequestView, p: WorkerView | None, d: WorkerView, cost: CostMode
     cached = min(comp.num_cached_blocks * b, n - 1)
     queue = cost.prefill_s(comp.num_queued_prefill_tokens)
     compute = cost.prefill_s(n - cached, cached)
-    transfer = 0.0
+    transfer = interference = 0.0
     if p is None:
+        interference = local_weight * compute * (d.num_running + 1)
         chunks = -(-(comp.num_queued_prefill_tokens + n - cached) // cost.prefill_chunk_tokens)
         queue += chunks * cost.decode_step(d.num_running, d.num_context_tokens)
     else:
@@ -128,18 +136,18 @@ def _score(req: RequestView, p: WorkerView | None, d: WorkerView, cost: CostMode
                                    d.worker_id)
     ttft = queue + compute + transfer
     tpot = cost.decode_step(d.num_running + 1, d.num_context_tokens + n)
-    need = num_prompt_blocks - min(d.num_cached_blocks, num_prompt_blocks) + \
-        -(-req.max_tokens // b)
+    need = num_prompt_blocks - min(d.num_cached_blocks, num_prompt_blocks) + 1
     feasible = need <= d.num_free_blocks
     meets = feasible and (req.ttft_slo_s is None or ttft <= req.ttft_slo_s) and \
         (req.tpot_slo_s is None or tpot <= req.tpot_slo_s)
     return Candidate(p.worker_id if p else None, d.worker_id, cached, queue, compute,
-                     transfer, ttft, tpot, ttft + tpot_weight * req.max_tokens * tpot,
-                     feasible, meets)
+                     transfer, ttft, tpot,
+                     ttft + tpot_weight * req.max_tokens * tpot + interference, feasible, meets)
 
 
 def candidates(req: RequestView, workers: tuple[WorkerView, ...], cost: CostModel,
-               overrides: Overrides = Overrides(), tpot_weight: float = 1.0) -> list[Candidate]:
+               overrides: Overrides = Overrides(), tpot_weight: float = 1.0,
+               local_weight: float = 1.0) -> list[Candidate]:
     """Every placement the overrides allow, scored, in worker order. Pure."""
     o = overrides
     decodes = [w for w in workers if w.role in ("decode", "colocated")
@@ -149,18 +157,19 @@ def candidates(req: RequestView, workers: tuple[WorkerView, ...], cost: CostMode
     out = []
     for d in decodes:
         if o.prefill != "remote" and o.prefill_worker is None:
-            out.append(_score(req, None, d, cost, tpot_weight))
+            out.append(_score(req, None, d, cost, tpot_weight, local_weight))
         if o.prefill != "local" and d.role == "decode":
-            out.extend(_score(req, p, d, cost, tpot_weight) for p in prefills)
+            out.extend(_score(req, p, d, cost, tpot_weight, local_weight) for p in prefills)
     return out
 
 
 def select(req: RequestView, workers: tuple[WorkerView, ...], cost: CostModel,
            overrides: Overrides = Overrides(), temperature: float = 0.0,
-           rng: random.Random | None = None, tpot_weight: float = 1.0) -> Choice | None:
+           rng: random.Random | None = None, tpot_weight: float = 1.0,
+           local_weight: float = 1.0) -> Choice | None:
     """The placement for ``req``, or None when the overrides leave no candidate. Pure
     (``rng`` is drawn from only when ``temperature > 0``)."""
-    cands = candidates(req, workers, cost, overrides, tpot_weight)
+    cands = candidates(req, workers, cost, overrides, tpot_weight, local_weight)
     if not cands:
         return None
     pool = [c for c in cands if c.meets_slo] or [c for c in cands if c.feasible] or cands

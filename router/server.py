@@ -17,6 +17,7 @@ from pdserve.router.api import create_app
 from pdserve.router.config import ServeConfig
 from pdserve.router.control_server import ControlServicer, start_control_server
 from pdserve.router.launcher import start_workers, stop_workers
+from pdserve.router.placement import Placer
 from pdserve.router.registry import Expectation, Registry
 from pdserve.router.zmq_dispatcher import ZmqDispatcher
 
@@ -40,8 +41,10 @@ async def serve(cfg: ServeConfig, port: int | None = None, out=None) -> int:
         hash_seed=cfg.engine.get("hash_seed", defaults.hash_seed),
         hash_algorithm=HASH_ALGORITHM), cfg.router.heartbeat_timeout_s,
         cfg.router.loop_stall_s)
+    placer = Placer(registry, cfg.cluster_token, cfg.mode)
     dispatcher = ZmqDispatcher(cfg.model, tokenizer, _context_len(model_dir, cfg.engine),
-                               registry, cfg.cluster_token, cfg.mode, cfg.router.host)
+                               registry, cfg.cluster_token, cfg.mode, cfg.router.host,
+                               placer=placer)
     await dispatcher.start()
     servicer = ControlServicer(registry, cfg.cluster_token, dispatcher.token_address)
     grpc_server, control_address = await start_control_server(

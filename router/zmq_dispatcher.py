@@ -7,7 +7,8 @@
     watchdog:   a request whose decode worker stops being healthy ends with an
                 error delta (never a hang, never a silent cut).
 
-Choice here is least-loaded; the prefix-aware pair selector replaces ``choose``.
+With a ``Placer`` (router/placement.py) the pair comes from the prefix index and the
+cost-model selector, with SLO admission; without one, ``choose`` is least-loaded.
 """
 
 import asyncio
@@ -29,7 +30,7 @@ def _load(w: WorkerState) -> tuple[int, int]:
 
 class ZmqDispatcher:
     def __init__(self, model_name: str, tokenizer, max_model_len: int, registry: Registry,
-                 token: str, mode: str, host: str = "127.0.0.1") -> None:
+                 token: str, mode: str, host: str = "127.0.0.1", placer=None) -> None:
         self.model_name = model_name
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
@@ -46,11 +47,16 @@ class ZmqDispatcher:
         self._tasks: list[asyncio.Task] = []
         self.decisions = {"remote_prefill": 0, "local_prefill": 0}
         self.dropped_frames = 0
+        self.placer = placer
 
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._watch())]
+        if self.placer is not None:
+            await self.placer.start()
 
     async def close(self) -> None:
+        if self.placer is not None:
+            await self.placer.close()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -72,8 +78,16 @@ class ZmqDispatcher:
         return decode, prefill
 
     # ---- the Dispatcher interface -------------------------------------------------------
+    async def _place(self, request_id, prompt_token_ids, sampling):
+        """(decode, prefill | None, placement | None): the Placer's choice, else choose()."""
+        if self.placer is None:
+            return (*self.choose(), None)
+        p = await self.placer.place(request_id, prompt_token_ids, sampling.max_tokens)
+        workers = self.registry.workers
+        return workers[p.decode_id], workers[p.prefill_id] if p.prefill_id else None, p
+
     async def generate(self, request_id, prompt_token_ids, sampling, deadline):
-        decode, prefill = self.choose()
+        decode, prefill, placed = await self._place(request_id, prompt_token_ids, sampling)
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
         self._placement[request_id] = (decode, prefill)
@@ -90,6 +104,8 @@ class ZmqDispatcher:
                 deadline=deadline))
             while True:
                 delta = await queue.get()
+                if placed is not None:
+                    self.placer.first_delta(placed, delta.num_cached_tokens)
                 if not prefill_done:
                     prefill_done = True
                     prefill.inflight -= 1
@@ -101,6 +117,8 @@ class ZmqDispatcher:
         finally:
             self._queues.pop(request_id, None)
             self._placement.pop(request_id, None)
+            if placed is not None:
+                self.placer.done(placed)
             if not finished:  # closed early (disconnect, time-out): stop it on the workers
                 self._send_nowait(decode.request_address, m.Abort(self.token, request_id))
             decode.inflight -= 1
@@ -129,6 +147,8 @@ class ZmqDispatcher:
         for row in self.registry.status():
             lines.append(f'pdserve_worker_free_blocks{{worker="{row["name"]}"}} '
                          f'{row["free_blocks"]}')
+        if self.placer is not None:
+            lines.extend(self.placer.metrics_lines())
         return "\n".join(lines) + "\n"
 
     # ---- plumbing ------------------------------------------------------------------------

@@ -50,10 +50,11 @@ def test_cache_holder_prefills_for_the_idle_decoder_with_exact_terms():
 def test_every_candidate_is_scored():
     got = {(c.prefill_id, c.decode_id): round(c.cost, 9) for c in candidates(REQ, cluster(),
                                                                             COST)}
-    assert got == {(None, "d0"): round(0.022 + 0.4 + 10 * 0.023, 9),
+    # a local prefill also pays its compute once per sequence of the batch, plus one
+    assert got == {(None, "d0"): round(0.022 + 0.4 + 10 * 0.023 + 0.4 * 3, 9),
                    ("p0", "d0"): round(0.08 + 0.04 + 10 * 0.023, 9),
                    ("p1", "d0"): round(0.4 + 0.04 + 10 * 0.023, 9),
-                   (None, "d1"): round(0.4 + 10 * 0.021, 9),
+                   (None, "d1"): round(0.4 + 10 * 0.021 + 0.4, 9),
                    ("p0", "d1"): round(0.12 + 10 * 0.021, 9),
                    ("p1", "d1"): round(0.44 + 10 * 0.021, 9)}
 
@@ -73,9 +74,12 @@ def test_full_cache_hit_still_computes_the_last_token():
 
 def test_a_queue_on_the_cache_holder_sends_the_prompt_elsewhere():
     b = select(REQ, cluster(p0_queue=100), COST).best
-    # p0->d1 would be 1.0 queue + 0.12; local on d1 (0.61) beats p1->d1 (0.65)
-    assert (b.prefill_id, b.decode_id) == (None, "d1")
-    assert b.cost == pytest.approx(0.61, abs=1e-12)
+    # p0->d1 would be 1.0 queue + 0.12 + 0.21; p1->d1 0.44 + 0.21; local d1 0.61 + 0.4
+    assert (b.prefill_id, b.decode_id) == ("p1", "d1")
+    assert b.cost == pytest.approx(0.65, abs=1e-12)
+    # without the interference term the local prefill would win
+    b = select(REQ, cluster(p0_queue=100), COST, local_weight=0.0).best
+    assert (b.prefill_id, b.decode_id, b.cost) == (None, "d1", pytest.approx(0.61, abs=1e-12))
 
 
 def test_slo_and_feasibility():
@@ -86,8 +90,8 @@ def test_slo_and_feasibility():
     # tpot target only d1 meets: d0's batch of 3 is 0.023
     only_d1 = select(RequestView(40, 10, tpot_slo_s=0.022), cluster(), COST)
     assert only_d1.decode_id == "d1"
-    # d1 lacks the 10 + 3 blocks: only d0 is feasible
-    short = select(REQ, cluster(d1_free=12), COST)
+    # d1 lacks the 10 + 1 blocks: only d0 is feasible
+    short = select(REQ, cluster(d1_free=10), COST)
     assert (short.prefill_id, short.decode_id) == ("p0", "d0") and short.best.feasible
 
 
