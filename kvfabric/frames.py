@@ -1,24 +1,28 @@
 """Wire format of the KV plane's side channel (TCP). Nothing is pickled.
 
-Every frame is a fixed header, two short ids, then ``nbytes`` of payload::
+Every frame is a fixed header, two short ids, ``aux_nbytes`` of integrity
+data, then ``nbytes`` of payload::
 
     offset  size  field
     0       4     magic  b"PDKV"
     4       1     kind   (HELLO, WELCOME, LAYER, FINISH, ABORT, CANCEL, CANCEL_ACK)
-    5       1     pad
+    5       1     version  (PROTOCOL_VERSION; a zero pad byte in version 1)
     6       2     len(transfer_id)   <= 255
     8       2     len(request_id)    <= 255
     10      4     layer  (int32, -1 when not a layer frame)
     14      4     attempt
     18      4     dst_digest  (crc32 of the plan's dst block ids: both sides agree on them)
     22      8     nbytes of payload
-    30      ..    transfer_id utf-8, request_id utf-8, payload
+    30      4     aux_nbytes
+    34      ..    transfer_id utf-8, request_id utf-8, aux, payload
 
 Payloads: HELLO / WELCOME carry a msgspec-msgpack ``Hello`` / ``Welcome``;
 LAYER carries the packed ``[2, n, B, Hkv, D]`` blocks of one layer (tcp) or
-nothing (nixl: the header travels as the NIXL notification of the write, and
-``nbytes`` says how much was written); FINISH carries the caller's opaque
-payload; ABORT and CANCEL carry a utf-8 reason.
+nothing (nixl: header and aux travel as the NIXL notification of the write,
+and ``nbytes`` says how much was written); FINISH carries the caller's opaque
+payload; ABORT and CANCEL carry a utf-8 reason. Aux: LAYER frames carry the
+per-block digests and their seal, FINISH frames a seal (``digests.py``);
+other frames none.
 """
 
 import socket
@@ -34,13 +38,19 @@ MAGIC = b"PDKV"
 HELLO, WELCOME, LAYER, FINISH, ABORT, CANCEL, CANCEL_ACK = range(1, 8)
 KIND_NAMES = {HELLO: "HELLO", WELCOME: "WELCOME", LAYER: "LAYER", FINISH: "FINISH",
               ABORT: "ABORT", CANCEL: "CANCEL", CANCEL_ACK: "CANCEL_ACK"}
-_HEADER = struct.Struct("<4sBxHHiIIQ")  # 30 bytes
+PROTOCOL_VERSION = 2  # 2: version byte, aux section with per-block digests and seals
+_HEADER = struct.Struct("<4sBBHHiIIQI")  # 34 bytes
 HEADER_SIZE = _HEADER.size
 MAX_CONTROL_BYTES = 16 << 20  # handshake metadata, finish payloads, reasons
+MAX_AUX_BYTES = 1 << 20  # digests of up to ~130k blocks per layer frame
 
 
 class ProtocolError(Exception):
     """The byte stream cannot be parsed any further: the connection must close."""
+
+
+class VersionMismatch(ProtocolError):
+    """The peer speaks another version of this wire format."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +62,7 @@ class FrameHeader:
     attempt: int
     dst_digest: int
     nbytes: int
+    aux_nbytes: int = 0
 
 
 def dst_digest(dst_block_ids: tuple[int, ...]) -> int:
@@ -59,85 +70,135 @@ def dst_digest(dst_block_ids: tuple[int, ...]) -> int:
     return zlib.crc32(struct.pack(f"<{len(dst_block_ids)}q", *dst_block_ids))
 
 
-def encode_header(kind: int, nbytes: int, plan: TransferPlan | None = None,
-                  layer: int = -1) -> bytes:
-    """Header bytes (ids included) of one frame about ``plan``. Pure."""
+def plan_header(kind: int, nbytes: int, plan: TransferPlan | None = None, layer: int = -1,
+                aux_nbytes: int = 0) -> FrameHeader:
+    """The header of one frame about ``plan``. Pure."""
     if plan is None:
-        return encode_raw_header(FrameHeader(kind, "", "", layer, 0, 0, nbytes))
-    return encode_raw_header(FrameHeader(kind, plan.transfer_id, plan.request_id, layer,
-                                         plan.attempt, dst_digest(plan.dst_block_ids), nbytes))
+        return FrameHeader(kind, "", "", layer, 0, 0, nbytes, aux_nbytes)
+    return FrameHeader(kind, plan.transfer_id, plan.request_id, layer, plan.attempt,
+                       dst_digest(plan.dst_block_ids), nbytes, aux_nbytes)
 
 
-def encode_raw_header(h: FrameHeader) -> bytes:
-    """Header bytes of any header, also a malformed one (tests use that). Pure."""
+def encode_header(kind: int, nbytes: int, plan: TransferPlan | None = None,
+                  layer: int = -1, aux_nbytes: int = 0) -> bytes:
+    """Header bytes (ids included) of one frame about ``plan``. Pure."""
+    return encode_raw_header(plan_header(kind, nbytes, plan, layer, aux_nbytes))
+
+
+def encode_raw_header(h: FrameHeader, version: int = PROTOCOL_VERSION) -> bytes:
+    """Header bytes of any header, also a malformed one (tests use that). Pure.
+
+    These bytes are also what a frame's seal covers (``digests.py``).
+    """
     tid, rid = h.transfer_id.encode(), h.request_id.encode()
-    return _HEADER.pack(MAGIC, h.kind, len(tid), len(rid), h.layer, h.attempt, h.dst_digest,
-                        h.nbytes) + tid + rid
+    return _HEADER.pack(MAGIC, h.kind, version, len(tid), len(rid), h.layer, h.attempt,
+                        h.dst_digest, h.nbytes, h.aux_nbytes) + tid + rid
 
 
 def decode_header(fixed: bytes, ids: bytes) -> FrameHeader:
-    """Parse the 30 fixed bytes plus the id bytes. Raises ProtocolError."""
-    magic, kind, tlen, rlen, layer, attempt, digest, nbytes = _HEADER.unpack(fixed)
+    """Parse the fixed bytes plus the id bytes. Raises ProtocolError."""
+    magic, kind, version, tlen, rlen, layer, attempt, digest, nbytes, aux = _HEADER.unpack(fixed)
     if magic != MAGIC or kind not in KIND_NAMES:
         raise ProtocolError(f"bad frame magic {magic!r} or kind {kind}")
+    if version != PROTOCOL_VERSION:
+        raise VersionMismatch(f"KV protocol version mismatch: peer {version or 1}, "
+                            f"ours {PROTOCOL_VERSION}")
+    if aux > MAX_AUX_BYTES:
+        raise ProtocolError(f"{KIND_NAMES[kind]} aux section of {aux} bytes")
     try:
         tid, rid = ids[:tlen].decode(), ids[tlen:tlen + rlen].decode()
     except UnicodeDecodeError as e:
         raise ProtocolError("frame ids are not utf-8") from e
-    return FrameHeader(kind, tid, rid, layer, attempt, digest, nbytes)
+    return FrameHeader(kind, tid, rid, layer, attempt, digest, nbytes, aux)
 
 
 def split_ids_length(fixed: bytes) -> int:
     """How many id bytes follow the fixed header. Raises ProtocolError."""
     if fixed[:4] != MAGIC:
         raise ProtocolError(f"bad frame magic {fixed[:4]!r}")
-    _, _, tlen, rlen, *_ = _HEADER.unpack(fixed)
+    _, _, _, tlen, rlen, *_ = _HEADER.unpack(fixed)
     if tlen > 255 or rlen > 255:
         raise ProtocolError(f"frame ids too long ({tlen}, {rlen})")
     return tlen + rlen
 
 
-def parse_notification(msg: bytes) -> FrameHeader:
-    """A NIXL notification is a payload-less frame header. Raises ProtocolError."""
+def parse_notification(msg: bytes) -> tuple[FrameHeader, bytes]:
+    """A NIXL notification is a payload-less frame: (header, aux). Raises ProtocolError."""
     if len(msg) < HEADER_SIZE:
         raise ProtocolError(f"notification of {len(msg)} bytes is too short")
     n = split_ids_length(msg[:HEADER_SIZE])
-    return decode_header(msg[:HEADER_SIZE], msg[HEADER_SIZE:HEADER_SIZE + n])
+    h = decode_header(msg[:HEADER_SIZE], msg[HEADER_SIZE:HEADER_SIZE + n])
+    aux = msg[HEADER_SIZE + n:]
+    if len(aux) != h.aux_nbytes:
+        raise ProtocolError(f"notification carries {len(aux)} aux bytes, header says "
+                            f"{h.aux_nbytes}")
+    return h, aux
+
+
+class TruncatedFrame(EOFError):
+    """The peer closed the connection in the middle of a frame."""
 
 
 def recv_exact(sock: socket.socket, view: memoryview) -> None:
-    """Fill ``view`` from ``sock`` (recv_into, no copies). Raises EOFError on close."""
+    """Fill ``view`` from ``sock`` (recv_into, no copies).
+
+    Raises EOFError on a close before the first byte, TruncatedFrame after it.
+    """
     got = 0
     while got < len(view):
         n = sock.recv_into(view[got:])
         if n == 0:
+            if got:
+                raise TruncatedFrame(f"peer closed after {got} of {len(view)} bytes")
             raise EOFError("peer closed the connection")
         got += n
 
 
 def read_header(sock: socket.socket) -> FrameHeader:
-    """Read one frame header (not its payload). Raises EOFError / ProtocolError."""
+    """Read one frame header (not its aux or payload).
+
+    Raises EOFError (closed between frames), TruncatedFrame, ProtocolError.
+    """
     fixed = bytearray(HEADER_SIZE)
     recv_exact(sock, memoryview(fixed))
     ids = bytearray(split_ids_length(bytes(fixed)))
-    recv_exact(sock, memoryview(ids))
+    try:
+        recv_exact(sock, memoryview(ids))
+    except EOFError as e:
+        raise TruncatedFrame(f"peer closed inside a frame header: {e}") from e
     return decode_header(bytes(fixed), bytes(ids))
+
+
+def read_body(sock: socket.socket, nbytes: int, what: str) -> bytes:
+    """Read ``nbytes`` of a frame whose header was read. Raises TruncatedFrame."""
+    buf = bytearray(nbytes)
+    try:
+        recv_exact(sock, memoryview(buf))
+    except EOFError as e:
+        raise TruncatedFrame(f"{what} truncated: {e}") from e
+    return bytes(buf)
+
+
+def read_aux(sock: socket.socket, header: FrameHeader) -> bytes:
+    """Read a frame's aux section (bounded by decode_header). Raises TruncatedFrame."""
+    return read_body(sock, header.aux_nbytes, f"{KIND_NAMES[header.kind]} frame")
 
 
 def read_control_payload(sock: socket.socket, header: FrameHeader) -> bytes:
     """Read a small (non-layer) payload. Raises ProtocolError if it is too large."""
     if header.nbytes > MAX_CONTROL_BYTES:
         raise ProtocolError(f"{KIND_NAMES[header.kind]} payload of {header.nbytes} bytes")
-    buf = bytearray(header.nbytes)
-    recv_exact(sock, memoryview(buf))
-    return bytes(buf)
+    return read_body(sock, header.nbytes, f"{KIND_NAMES[header.kind]} frame")
 
 
 def discard(sock: socket.socket, nbytes: int, scratch: memoryview) -> None:
-    """Read and drop ``nbytes`` using ``scratch`` (any non-empty size)."""
+    """Read and drop ``nbytes`` using ``scratch`` (any non-empty size). Raises TruncatedFrame."""
     while nbytes > 0:
         chunk = scratch[:min(nbytes, len(scratch))]
-        recv_exact(sock, chunk)
+        try:
+            recv_exact(sock, chunk)
+        except EOFError as e:
+            raise TruncatedFrame(f"frame truncated while discarding it: {e}") from e
         nbytes -= len(chunk)
 
 

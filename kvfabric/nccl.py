@@ -4,10 +4,11 @@
     TCPStore master on host:port  --Welcome-->  attach: store client, "pairK/agent"
     pair thread: group rank 1    <==========>   group rank 0 (PrefixStore "pairK/")
       recv meta [op, hlen, n, layer]    <--     send meta
-      recv LAYER header bytes           <--     send header (as a NIXL notification)
+      recv LAYER header + digests       <--     send header (as a NIXL notification)
       recv dst block ids [n]            <--     send dst ids
       recv packed layer [2, n, B, H, D] <--     pack_blocks(src ids) + send
-      unpack_blocks into dst, then the header becomes a notification for the table
+      unpack_blocks into dst, then the header becomes a notification for the table,
+      which checks the block digests against the landed dst blocks
 
 The rendezvous (store address, pair number, backend) travels in the Welcome's
 ``agent_metadata`` on the fabric's side channel, which is also where HELLO,
@@ -35,16 +36,18 @@ import torch.distributed as dist
 
 from pdserve.kernels import pack_blocks, unpack_blocks
 from pdserve.kvfabric.descriptors import FabricIdentity, TransferPlan
+from pdserve.kvfabric.digests import algo_for, as_block_rows, block_digests, layer_aux_size
 from pdserve.kvfabric.errors import FabricPeerError, FabricTransportUnavailable
-from pdserve.kvfabric.frames import LAYER, ProtocolError, Welcome, encode_header, parse_notification
+from pdserve.kvfabric.faults import flip_byte
+from pdserve.kvfabric.frames import HEADER_SIZE, LAYER, ProtocolError, Welcome, parse_notification
 from pdserve.kvfabric.layout import torch_dtype
-from pdserve.kvfabric.transport import ReceiverPath, SenderPath, SendFrame, Transport
+from pdserve.kvfabric.transport import LayerWire, ReceiverPath, SenderPath, Transport
 
 OP_LAYER, OP_SYNC, OP_CLOSE = 1, 2, 3
 TAG = 0
 IDLE_TIMEOUT = datetime.timedelta(days=1)  # a pair waits this long for its next layer
 WAIT_TIMEOUT = datetime.timedelta(seconds=60)  # a posted send must finish within this
-MAX_HEADER_BYTES = 4096
+MAX_IDS_BYTES = 510  # transfer id + request id
 
 
 def backend_for(device: torch.device) -> str:
@@ -117,7 +120,7 @@ class NcclSenderPath(SenderPath):
         self._num_blocks = welcome.num_blocks
 
     def send_layer(self, plan: TransferPlan, layer_idx: int, k_cache: torch.Tensor,
-                   v_cache: torch.Tensor, send_frame: SendFrame) -> int:
+                   v_cache: torch.Tensor, wire: LayerWire) -> int:
         """Pack the layer's src blocks and post its four sends; returns at once.
 
         The packed copy is private, so the src blocks may change right after
@@ -131,13 +134,17 @@ class NcclSenderPath(SenderPath):
                              f">= receiver's {self._num_blocks} blocks")
         n = plan.num_blocks
         nbytes = 2 * n * self.identity.bytes_per_block
-        header = encode_header(LAYER, nbytes, plan, layer_idx)
-        meta = torch.tensor([OP_LAYER, len(header), n, layer_idx], dtype=torch.int64)
-        hdr = torch.frombuffer(bytearray(header), dtype=torch.uint8)
         dst = torch.tensor(plan.dst_block_ids, dtype=torch.int64)
         src = torch.tensor(plan.src_block_ids, dtype=torch.int64).to(dev, non_blocking=True)
         packed = torch.empty((2, n) + tuple(k_cache.shape[1:]), dtype=k_cache.dtype, device=dev)
         pack_blocks(k_cache, v_cache, src, out=packed)  # [2, n, B, Hkv, D]
+        digests = block_digests(algo_for(dev), as_block_rows(packed, 2 * n))
+        bad = wire.block_to_corrupt(plan, layer_idx)
+        if bad is not None:  # the knob: our private packed copy, never the cache
+            flip_byte(as_block_rows(packed, 2 * n), bad)
+        header = wire.header(plan, layer_idx, nbytes, digests)
+        meta = torch.tensor([OP_LAYER, len(header), n, layer_idx], dtype=torch.int64)
+        hdr = torch.frombuffer(bytearray(header), dtype=torch.uint8)
         tensors = [t.to(dev, non_blocking=True) for t in (meta, hdr, dst)] + [packed]
         with self._lock:
             try:
@@ -259,7 +266,8 @@ class NcclReceiverPath(ReceiverPath):
             group.send([torch.zeros(4, dtype=torch.int64, device=dev)], 0, TAG).wait()
             return True
         num_blocks = self.kv_layers[0][0].shape[0]
-        if op != OP_LAYER or not (0 < hlen <= MAX_HEADER_BYTES and 0 < n <= num_blocks
+        max_header = HEADER_SIZE + MAX_IDS_BYTES + layer_aux_size(n)
+        if op != OP_LAYER or not (0 < hlen <= max_header and 0 < n <= num_blocks
                                   and 0 <= layer < len(self.kv_layers)):
             raise ProtocolError(f"bad pair message {[op, hlen, n, layer]}")
         header = bytes(self._recv(group, torch.empty(hlen, dtype=torch.uint8, device=dev))
@@ -268,7 +276,7 @@ class NcclReceiverPath(ReceiverPath):
         packed = torch.empty((2, n, i.block_size, i.num_kv_heads, i.head_dim),
                              dtype=torch_dtype(i.dtype), device=dev)
         self._recv(group, packed)
-        h = parse_notification(header)
+        h, _ = parse_notification(header)
         if h.kind != LAYER or h.layer != layer or h.nbytes != packed.nbytes:
             raise ProtocolError(f"pair header {h} does not describe the payload")
         if int(dst.min()) < 0 or int(dst.max()) >= num_blocks:

@@ -5,8 +5,10 @@
              V[src_i] --WRITE------> V[dst_i]    2n block descriptors, and the
                                                  LAYER header as its notification
 
-The receiver never touches the bytes: NIXL delivers the notification after
-the data, and the receiver only validates and counts it. Because the writes
+The receiver never copies the bytes: NIXL delivers the notification after
+the data; the notification carries the layer's per-block digests (taken from
+the src blocks before the write is posted), and the receiver checks them
+against the landed dst blocks before it counts the layer. Because the writes
 are one-sided, a receiver that stops expecting a transfer first sends CANCEL
 on the side channel and waits for CANCEL_ACK (the sender acknowledges after
 its in-flight writes finished and with no more posted) before it reports the
@@ -23,9 +25,11 @@ import numpy as np
 import torch
 
 from pdserve.kvfabric.descriptors import FabricIdentity, TransferPlan
+from pdserve.kvfabric.digests import algo_for, cache_block_digests
 from pdserve.kvfabric.errors import FabricPeerError, FabricTransportUnavailable
-from pdserve.kvfabric.frames import LAYER, Welcome, encode_header
-from pdserve.kvfabric.transport import ReceiverPath, SenderPath, SendFrame, Transport
+from pdserve.kvfabric.faults import flip_digest
+from pdserve.kvfabric.frames import Welcome
+from pdserve.kvfabric.transport import LayerWire, ReceiverPath, SenderPath, Transport
 
 WRITE_TIMEOUT_S = 60.0
 
@@ -148,8 +152,8 @@ class NixlSenderPath(SenderPath):
         self._welcome = welcome
 
     def send_layer(self, plan: TransferPlan, layer_idx: int, k_cache: torch.Tensor,
-                   v_cache: torch.Tensor, send_frame: SendFrame) -> int:
-        """Post one WRITE of the layer's blocks; returns at once (the write is in flight).
+                   v_cache: torch.Tensor, wire: LayerWire) -> int:
+        """Digest the layer's src blocks, post one WRITE of them; returns at once.
 
         The src blocks must stay unchanged until ``wait_writes`` of this transfer.
         """
@@ -168,10 +172,15 @@ class NixlSenderPath(SenderPath):
         local = _descs([k_cache.data_ptr() + src, v_cache.data_ptr() + src], blk, dev)
         remote = _descs([rk + dst, rv + dst], blk, w.device_id)
         nbytes = 2 * plan.num_blocks * blk
+        src_ids = torch.tensor(plan.src_block_ids, dtype=torch.int64, device=k_cache.device)
+        digests = cache_block_digests(algo_for(k_cache.device), k_cache, v_cache, src_ids)
+        bad = wire.block_to_corrupt(plan, layer_idx)
+        if bad is not None:  # the knob: the writes read the cache itself, so lie in the digest
+            digests = flip_digest(digests, bad)
         handle = agent.initialize_xfer(
             "WRITE", agent.get_xfer_descs(local, mem_type),
             agent.get_xfer_descs(remote, w.mem_type), self._remote,
-            encode_header(LAYER, nbytes, plan, layer_idx))
+            wire.header(plan, layer_idx, nbytes, digests))
         if agent.transfer(handle) == "ERR":
             handle.release()
             raise FabricPeerError(f"NIXL write of layer {layer_idx} of {plan.transfer_id} failed")

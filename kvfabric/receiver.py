@@ -3,9 +3,10 @@
     KVReceiver(kv_layers, identity, token, transport="tcp", host, port=0)
       ├─ accept thread: one connection per prefill peer; handshake (token,
       │  identity, transport), then one thread per connection reading frames
-      │  (tcp: LAYER payloads recv_into a staging buffer, scattered into the
-      │  dst blocks under the table's lock)
-      ├─ service thread: NIXL notifications (nixl), time-outs, drain grace
+      │  (tcp: LAYER payloads recv_into a staging buffer, block digests
+      │  checked there, then scattered into the dst blocks under the table's lock)
+      ├─ service thread: NIXL notifications (nixl: block digests checked on
+      │  the landed dst blocks before the layer counts), time-outs, drain grace
       └─ TransferTable: what is expected, and the callbacks (``transfers.py``)
 
 Callbacks run on the receiver's threads, outside its locks; they must be quick.
@@ -20,22 +21,37 @@ import time
 import torch
 
 from pdserve.kvfabric.descriptors import FabricIdentity, TransferPlan
+from pdserve.kvfabric.digests import (
+    ALGO_NAMES,
+    DigestError,
+    as_block_rows,
+    block_digests,
+    cache_block_digests,
+    check_finish_mac,
+    decode_layer_aux,
+    mac_key,
+)
 from pdserve.kvfabric.frames import (
     ABORT,
     CANCEL,
     CANCEL_ACK,
     FINISH,
     HELLO,
+    KIND_NAMES,
     LAYER,
     WELCOME,
     FrameHeader,
     ProtocolError,
+    TruncatedFrame,
+    VersionMismatch,
     Welcome,
     decode_hello,
     discard,
     encode_header,
     encode_msg,
+    encode_raw_header,
     parse_notification,
+    read_aux,
     read_control_payload,
     read_header,
 )
@@ -56,6 +72,7 @@ class _Conn:
         self.one_sided = False
         self.agent_name = ""
         self.staging = LayerStaging(identity)
+        self.frame: FrameHeader | None = None  # the frame being read, for truncation reports
         self._send_lock = threading.Lock()
 
     def send(self, data: bytes) -> None:
@@ -82,6 +99,7 @@ class KVReceiver:
         self.identity = identity
         self._kv_layers = kv_layers
         self._token = token.encode()
+        self._mac_key = mac_key(token)
         self._transport = resolve_transport(transport)
         self._path = self._transport.receiver_path(identity, kv_layers)
         self._handshake_timeout_s = handshake_timeout_s
@@ -103,8 +121,9 @@ class KVReceiver:
     def expect(self, plan: TransferPlan, on_complete, on_error, timeout_s: float = 30.0) -> None:
         """Expect ``plan``'s KV into its dst blocks. Mutates the table.
 
-        Exactly one of ``on_complete(plan, payload)`` (every layer and the
-        finish frame arrived) or ``on_error(plan, reason)`` will run.
+        Exactly one of ``on_complete(plan, payload)`` (every layer arrived with
+        matching block digests, and the sealed finish frame) or
+        ``on_error(plan, reason)`` will run.
         Raises ValueError for a plan that cannot fit this cache or is already expected.
         """
         if plan.num_layers != self.identity.num_layers:
@@ -192,8 +211,9 @@ class KVReceiver:
             run_actions(self._table.expire(time.monotonic()))
 
     def _on_notification(self, agent: str, msg: bytes) -> None:
+        """A one-sided layer landed: check its digests on the dst blocks, then count it."""
         try:
-            h = parse_notification(msg)
+            h, aux = parse_notification(msg)
         except ProtocolError as e:
             log.warning("dropping NIXL notification from %s: %s", agent, e)
             return
@@ -202,7 +222,34 @@ class KVReceiver:
         if h.kind != LAYER or conn is None:
             log.warning("dropping NIXL notification %s from %s", h, agent)
             return
-        run_actions(self._table.layer_arrived(conn, h, None))
+        t, actions = self._table.precheck_layer(conn, h)
+        run_actions(actions)
+        if t is None:
+            return
+        k_cache, v_cache = self._kv_layers[h.layer]
+        error = self._digest_error(h, aux, t.plan, lambda algo: cache_block_digests(
+            algo, k_cache, v_cache, t.dst_index))
+        run_actions(self._table.layer_arrived(conn, h, None, error))
+
+    def _digest_error(self, h: FrameHeader, aux: bytes, plan: TransferPlan,
+                      digest_of) -> str | None:
+        """Why layer frame ``h``'s bytes are not what its sender digested, or None. Pure.
+
+        ``digest_of(algo)``: the digests of the bytes about to be used (K blocks, then V).
+        """
+        try:
+            sent = decode_layer_aux(self._mac_key, encode_raw_header(h), aux)
+        except DigestError as e:
+            return f"layer {h.layer}: {e}"
+        n = plan.num_blocks
+        if len(sent.values) != 2 * n:
+            return f"layer {h.layer}: {len(sent.values)} block digests, expected {2 * n}"
+        bad = sent.first_mismatch(digest_of(sent.algo))
+        if bad is None:
+            return None
+        half = "K" if bad < n else "V"
+        return (f"digest mismatch in layer {h.layer}, block {bad} ({half} of dst block "
+                f"{plan.dst_block_ids[bad % n]}, {ALGO_NAMES[sent.algo]})")
 
     def _serve(self, conn: _Conn) -> None:
         try:
@@ -215,7 +262,18 @@ class KVReceiver:
         reason = "disconnected"
         try:
             while True:
-                self._on_frame(conn, read_header(conn.sock))
+                conn.frame = None
+                h = read_header(conn.sock)
+                conn.frame = h
+                self._on_frame(conn, h)
+        except TruncatedFrame as e:
+            reason = "disconnected mid-frame"
+            h = conn.frame
+            if h is not None:  # the transfer whose frame was cut fails with that reason
+                where = f" layer {h.layer}" if h.kind == LAYER else ""
+                run_actions(self._table.fail(h.transfer_id, (
+                    f"truncated {KIND_NAMES[h.kind]} frame{where} from prefill peer "
+                    f"{conn.peer} ({e})"), drain=False) or [])
         except EOFError:
             reason = "disconnected"
         except ProtocolError as e:
@@ -231,7 +289,14 @@ class KVReceiver:
     def _handshake(self, conn: _Conn) -> bool:
         """Read HELLO, answer WELCOME; on refusal answer, close and return False."""
         conn.sock.settimeout(self._handshake_timeout_s)
-        h = read_header(conn.sock)
+        try:
+            h = read_header(conn.sock)
+        except VersionMismatch as e:
+            log.warning("refusing KV peer %s: %s", conn.peer, e)
+            _send_welcome(conn, Welcome(ok=False, error=str(e)))
+            _shutdown(conn.sock)
+            return False
+        read_aux(conn.sock, h)
         if h.kind != HELLO:
             raise ProtocolError(f"expected HELLO, got kind {h.kind}")
         hello = decode_hello(read_control_payload(conn.sock, h))
@@ -262,9 +327,11 @@ class KVReceiver:
             return
         if h.kind not in (FINISH, ABORT, CANCEL_ACK):
             raise ProtocolError(f"unexpected frame kind {h.kind}")
+        aux = read_aux(conn.sock, h)
         payload = read_control_payload(conn.sock, h)
         if h.kind == FINISH:
-            actions = self._table.finish_arrived(conn, h, payload)
+            seal_error = check_finish_mac(self._mac_key, encode_raw_header(h), payload, aux)
+            actions = self._table.finish_arrived(conn, h, payload, seal_error)
         elif h.kind == ABORT:
             reason = payload.decode(errors="replace")
             actions = self._table.fail(h.transfer_id, f"aborted by prefill side: {reason}",
@@ -274,17 +341,21 @@ class KVReceiver:
         run_actions(actions)
 
     def _on_layer(self, conn: _Conn, h: FrameHeader) -> None:
+        """Stage a layer, check its block digests on the staging buffer, then scatter it."""
         if h.nbytes > self._max_layer_bytes:
             raise ProtocolError(f"layer frame of {h.nbytes} bytes exceeds the cache")
-        ok, actions = self._table.precheck_layer(conn, h)
+        t, actions = self._table.precheck_layer(conn, h)
         run_actions(actions)
-        if not ok:
-            discard(conn.sock, h.nbytes, memoryview(bytearray(1 << 16)))
+        if t is None:
+            discard(conn.sock, h.aux_nbytes + h.nbytes, memoryview(bytearray(1 << 16)))
             return
-        raw = conn.staging.read(conn.sock, h.nbytes)
+        aux = read_aux(conn.sock, h)
+        raw = conn.staging.read(conn.sock, h.nbytes)  # [nbytes] uint8, host
+        rows = as_block_rows(raw, 2 * t.plan.num_blocks)
+        error = self._digest_error(h, aux, t.plan, lambda algo: block_digests(algo, rows))
         k_cache, v_cache = self._kv_layers[h.layer]
         write = lambda t: conn.staging.unpack(raw, k_cache, v_cache, t.dst_index)
-        run_actions(self._table.layer_arrived(conn, h, write))
+        run_actions(self._table.layer_arrived(conn, h, write, error))
 
 
 def _send_welcome(conn: _Conn, welcome: Welcome) -> None:

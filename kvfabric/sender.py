@@ -6,6 +6,12 @@
     sender.finish(plan, payload)            # e.g. the first token, for the decode side
     sender.abort(plan)                      # instead of finish, on the prefill side's abort
 
+Every layer leaves with a digest of each of its blocks, sealed with the
+cluster token together with the frame's transfer id, request id, attempt and
+layer (``digests.py``); the receiver checks them before the layer counts.
+``fault_rate`` (tests only, off by default; ``faults.py``) corrupts a random
+fraction of transfers on purpose and records them in ``faults_injected``.
+
 A background thread reads the connection: CANCEL frames (the receiver no
 longer expects a transfer: later calls for it raise FabricTransferCancelled,
 and for nixl the in-flight writes are waited for, then CANCEL_ACK is sent)
@@ -19,7 +25,9 @@ import threading
 import torch
 
 from pdserve.kvfabric.descriptors import FabricIdentity, TransferPlan
+from pdserve.kvfabric.digests import MAC_SIZE, finish_mac, mac_key
 from pdserve.kvfabric.errors import FabricHandshakeError, FabricPeerError, FabricTransferCancelled
+from pdserve.kvfabric.faults import FaultInjector
 from pdserve.kvfabric.frames import (
     ABORT,
     CANCEL,
@@ -34,10 +42,11 @@ from pdserve.kvfabric.frames import (
     encode_header,
     encode_msg,
     encode_raw_header,
+    read_aux,
     read_control_payload,
     read_header,
 )
-from pdserve.kvfabric.transport import Transport, resolve_transport
+from pdserve.kvfabric.transport import LayerWire, Transport, resolve_transport
 
 MAX_REMEMBERED_CANCELS = 4096
 
@@ -46,13 +55,18 @@ class KVSender:
     """Connects to ``address`` ("host:port") and handshakes in the constructor.
 
     Raises FabricHandshakeError (refused: the message names why) or
-    FabricPeerError (unreachable).
+    FabricPeerError (unreachable). ``fault_rate``/``fault_seed``: the test knob
+    of ``faults.py`` (None: from ``PDSERVE_FABRIC_FAULT_RATE``, default off).
     """
 
     def __init__(self, address: str, token: str, identity: FabricIdentity,
-                 transport: str | Transport = "tcp", connect_timeout_s: float = 5.0) -> None:
+                 transport: str | Transport = "tcp", connect_timeout_s: float = 5.0,
+                 fault_rate: float | None = None, fault_seed: int | None = None) -> None:
         self.address = address
         self.identity = identity
+        self._mac_key = mac_key(token)
+        self._faults = FaultInjector.from_knob(fault_rate, fault_seed)
+        self._wire = LayerWire(self._mac_key, self._send_frame, self._faults)
         self._transport = resolve_transport(transport)
         self._path = self._transport.sender_path(identity)
         self._state_lock = threading.Lock()  # cancelled set + posting of one-sided writes
@@ -84,6 +98,7 @@ class KVSender:
         try:
             self._sock.sendall(encode_header(HELLO, len(hello)) + hello)
             h = read_header(self._sock)
+            read_aux(self._sock, h)
             if h.kind != WELCOME:
                 raise ProtocolError(f"expected WELCOME, got kind {h.kind}")
             welcome = decode_welcome(read_control_payload(self._sock, h))
@@ -115,10 +130,9 @@ class KVSender:
         with self._state_lock:
             self._check_usable(plan)
             if self._path.one_sided:  # posted under the lock: a CANCEL waits for it
-                nbytes = self._path.send_layer(plan, layer_idx, k_cache, v_cache,
-                                               self._send_frame)
+                nbytes = self._path.send_layer(plan, layer_idx, k_cache, v_cache, self._wire)
         if not self._path.one_sided:
-            nbytes = self._path.send_layer(plan, layer_idx, k_cache, v_cache, self._send_frame)
+            nbytes = self._path.send_layer(plan, layer_idx, k_cache, v_cache, self._wire)
         self.bytes_sent += nbytes
         return nbytes
 
@@ -129,7 +143,9 @@ class KVSender:
         """
         self._check_usable(plan)
         self._path.wait_writes(self._take_writes(plan))
-        self._send_frame(encode_header(FINISH, len(payload), plan), memoryview(payload))
+        header = encode_header(FINISH, len(payload), plan, aux_nbytes=MAC_SIZE)
+        self._send_frame(header + finish_mac(self._mac_key, header, payload),
+                         memoryview(payload))
 
     def abort(self, plan: TransferPlan, reason: str = "aborted by the prefill side") -> None:
         """Tell the receiver to fail the transfer; later calls for it raise
@@ -151,6 +167,14 @@ class KVSender:
     @property
     def is_alive(self) -> bool:
         return self._dead is None
+
+    @property
+    def faults_injected(self) -> dict[str, tuple[int, int]]:
+        """Transfers the fault knob corrupted: transfer id -> (layer, packed block index).
+
+        Block index ``i < n`` is K of the plan's i-th block, ``n + i`` its V. Empty when off.
+        """
+        return {} if self._faults is None else dict(self._faults.injected)
 
     def close(self) -> None:
         """Wait for in-flight writes, then close the connection. Idempotent."""
@@ -211,6 +235,7 @@ class KVSender:
         try:
             while True:
                 h = read_header(self._sock)
+                read_aux(self._sock, h)
                 reason = read_control_payload(self._sock, h).decode(errors="replace")
                 if h.kind != CANCEL:
                     raise ProtocolError(f"unexpected frame kind {h.kind} from the receiver")

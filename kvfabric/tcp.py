@@ -2,18 +2,22 @@
 
 Sender: ``pack_blocks`` gathers the plan's src blocks of one layer into a
 reusable staging tensor ``[2, n, B, Hkv, D]`` (on the KV device; copied to
-host for GPU caches), then one ``sendall`` of its memory (no copy in Python).
+host for GPU caches), digests each block there (crc32 on the CPU, the wsum
+reduction on the GPU), then one ``sendall`` of its memory (no copy in Python).
 Receiver: ``LayerStaging`` reads the payload with ``recv_into`` straight into
-a preallocated host buffer, and ``unpack_blocks`` scatters it into the KV cache.
+a preallocated host buffer; the receiver checks the digests on it, and only
+then ``unpack_blocks`` scatters it into the KV cache.
 """
 
 import torch
 
 from pdserve.kernels import pack_blocks, unpack_blocks
 from pdserve.kvfabric.descriptors import FabricIdentity, TransferPlan
-from pdserve.kvfabric.frames import LAYER, encode_header, recv_exact
+from pdserve.kvfabric.digests import algo_for, as_block_rows, block_digests
+from pdserve.kvfabric.faults import flip_byte
+from pdserve.kvfabric.frames import TruncatedFrame, recv_exact
 from pdserve.kvfabric.layout import as_bytes, torch_dtype
-from pdserve.kvfabric.transport import ReceiverPath, SenderPath, SendFrame, Transport
+from pdserve.kvfabric.transport import LayerWire, ReceiverPath, SenderPath, Transport
 
 
 class TcpSenderPath(SenderPath):
@@ -23,8 +27,8 @@ class TcpSenderPath(SenderPath):
         self._host: torch.Tensor | None = None  # host copy for device caches
 
     def send_layer(self, plan: TransferPlan, layer_idx: int, k_cache: torch.Tensor,
-                   v_cache: torch.Tensor, send_frame: SendFrame) -> int:
-        """Pack, then send header + payload. Mutates only the path's staging buffers."""
+                   v_cache: torch.Tensor, wire: LayerWire) -> int:
+        """Pack, digest, then send header + payload. Mutates only the path's staging buffers."""
         n = plan.num_blocks
         shape = (2, n) + tuple(k_cache.shape[1:])
         numel = 2 * n * k_cache[0].numel()
@@ -34,6 +38,10 @@ class TcpSenderPath(SenderPath):
         out = self._staging[:numel].view(shape)
         ids = torch.tensor(plan.src_block_ids, dtype=torch.int64, device=k_cache.device)
         pack_blocks(k_cache, v_cache, ids, out=out)
+        digests = block_digests(algo_for(out.device), as_block_rows(out, 2 * n))
+        bad = wire.block_to_corrupt(plan, layer_idx)
+        if bad is not None:  # the knob: our private packed copy, never the cache
+            flip_byte(as_block_rows(out, 2 * n), bad)
         if out.device.type != "cpu":
             if self._host is None or self._host.numel() < numel:
                 self._host = torch.empty(numel, dtype=out.dtype, pin_memory=True)
@@ -41,7 +49,7 @@ class TcpSenderPath(SenderPath):
             host.copy_(out.reshape(-1))
             out = host
         payload = as_bytes(out)
-        send_frame(encode_header(LAYER, len(payload), plan, layer_idx), payload)
+        wire.send(wire.header(plan, layer_idx, len(payload), digests), payload)
         return len(payload)
 
 
@@ -56,12 +64,15 @@ class LayerStaging:
     def read(self, sock, nbytes: int) -> torch.Tensor:
         """Receive ``nbytes`` into the staging buffer; returns a uint8 view of them.
 
-        The view is valid until the next ``read``. Raises EOFError on close.
+        The view is valid until the next ``read``. Raises TruncatedFrame on close.
         """
         if self._buf.numel() < nbytes:
             self._buf = torch.empty(nbytes, dtype=torch.uint8)
         view = self._buf[:nbytes]
-        recv_exact(sock, memoryview(view.numpy()))
+        try:
+            recv_exact(sock, memoryview(view.numpy()))
+        except EOFError as e:
+            raise TruncatedFrame(f"LAYER payload truncated: {e}") from e
         return view
 
     def unpack(self, raw: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -1,9 +1,16 @@
 """The decode side's table of expected transfers: one small state machine each.
 
-    expect ──> RECEIVING ──(all layers + FINISH)──────────────> on_complete
+    expect ──> RECEIVING ──(every layer verified + sealed FINISH)──> on_complete
                    │
-                   ├─(ABORT / peer died)──────────────────────> on_error
-                   └─(cancel / time-out / bad frame)─> DRAINING ─(acks, or grace over)─> on_error
+                   ├─(ABORT / peer died / truncated frame)───────────> on_error
+                   └─(cancel / time-out / bad frame / digest mismatch /
+                      replayed layer)──> DRAINING ─(acks, or grace over)─> on_error
+
+A layer counts only once its block digests matched (``layer_arrived`` takes
+the outcome of that check and fails the transfer on a mismatch), and a
+FINISH only once its seal matched, so a transfer completes only when every
+layer's bytes were verified. A frame for a transfer that is not expected
+(completed, failed, an old attempt, never expected) is dropped and counted.
 
 DRAINING exists for one-sided (nixl) peers only: their writes land without
 us, so we wait until each such peer confirmed (CANCEL_ACK) that nothing of
@@ -24,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pdserve.kvfabric.descriptors import FabricIdentity, TransferPlan
+from pdserve.kvfabric.digests import layer_aux_size
 from pdserve.kvfabric.frames import FrameHeader, dst_digest
 
 log = logging.getLogger(__name__)
@@ -41,7 +49,7 @@ class Pending:
     timeout_s: float
     layer_bytes: int
     digest: int
-    layers_seen: list[bool]
+    layers_seen: list[bool]  # layer arrived and its digests matched
     num_layers_seen: int = 0
     payload: bytes | None = None
     owner: object | None = None  # the connection its frames came on
@@ -63,9 +71,12 @@ def check_frame(t: Pending, h: FrameHeader, is_layer: bool) -> str | None:
     if not 0 <= h.layer < t.plan.num_layers:
         return f"layer {h.layer} out of range 0..{t.plan.num_layers - 1}"
     if t.layers_seen[h.layer]:
-        return f"layer {h.layer} received twice"
+        return f"layer {h.layer} received twice (replayed frame)"
     if h.nbytes != t.layer_bytes:
         return f"layer {h.layer} has {h.nbytes} bytes, expected {t.layer_bytes}"
+    if h.aux_nbytes != layer_aux_size(t.plan.num_blocks):
+        return (f"layer {h.layer} has a digest section of {h.aux_nbytes} bytes, expected "
+                f"{layer_aux_size(t.plan.num_blocks)}")
     return None
 
 
@@ -100,27 +111,36 @@ class TransferTable:
                        layers_seen=[False] * plan.num_layers if n else [True] * plan.num_layers,
                        num_layers_seen=plan.num_layers - n)
 
-    def precheck_layer(self, conn, h: FrameHeader) -> tuple[bool, list[Action]]:
-        """Before reading a layer's payload: (worth reading, actions). Fails a bad transfer."""
+    def precheck_layer(self, conn, h: FrameHeader) -> tuple[Pending | None, list[Action]]:
+        """Before reading or verifying a layer: (its transfer if worth it, actions).
+
+        Fails a transfer the frame is wrong for; drops (and counts) a frame
+        for a transfer that is not expected. The Pending's plan and
+        dst_index are immutable: safe to read without the lock.
+        """
         with self._lock:
             t = self._pending.get(h.transfer_id)
             if t is None or t.failed:
                 self.num_dropped_frames += 1
-                return False, []
+                return None, []
             t.owner = conn
             reason = check_frame(t, h, is_layer=True)
-            return reason is None, ([] if reason is None else self._fail(t, reason, drain=True))
+            return (t, []) if reason is None else (None, self._fail(t, reason, drain=True))
 
-    def layer_arrived(self, conn, h: FrameHeader,
-                      write: Callable[[Pending], None] | None) -> list[Action]:
-        """A layer landed (nixl) or is staged (tcp: ``write`` scatters it, under the lock)."""
+    def layer_arrived(self, conn, h: FrameHeader, write: Callable[[Pending], None] | None,
+                      digest_error: str | None) -> list[Action]:
+        """A layer landed (nixl) or is staged (tcp: ``write`` scatters it, under the lock).
+
+        ``digest_error``: the outcome of checking the layer's block digests
+        (None: all matched). A mismatch fails the transfer and writes nothing.
+        """
         with self._lock:
             t = self._pending.get(h.transfer_id)
             if t is None or t.failed:
                 self.num_dropped_frames += 1
                 return []
             t.owner = conn
-            reason = check_frame(t, h, is_layer=True)
+            reason = check_frame(t, h, is_layer=True) or digest_error
             if reason is not None:
                 return self._fail(t, reason, drain=True)
             if write is not None:
@@ -130,14 +150,16 @@ class TransferTable:
             self.bytes_received += h.nbytes
             return self._maybe_complete(t)
 
-    def finish_arrived(self, conn, h: FrameHeader, payload: bytes) -> list[Action]:
+    def finish_arrived(self, conn, h: FrameHeader, payload: bytes,
+                       seal_error: str | None) -> list[Action]:
+        """The FINISH frame arrived; ``seal_error``: the outcome of checking its seal."""
         with self._lock:
             t = self._pending.get(h.transfer_id)
             if t is None or t.failed:
                 self.num_dropped_frames += 1
                 return []
             t.owner = conn
-            reason = check_frame(t, h, is_layer=False)
+            reason = check_frame(t, h, is_layer=False) or seal_error
             if reason is not None:
                 return self._fail(t, reason, drain=True)
             t.payload = payload

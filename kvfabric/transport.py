@@ -21,9 +21,35 @@ from collections.abc import Callable
 import torch
 
 from pdserve.kvfabric.descriptors import FabricIdentity, TransferPlan
-from pdserve.kvfabric.frames import Welcome
+from pdserve.kvfabric.digests import BlockDigests, encode_layer_aux, layer_aux_size
+from pdserve.kvfabric.faults import FaultInjector
+from pdserve.kvfabric.frames import LAYER, Welcome, encode_header
 
 SendFrame = Callable[[bytes, memoryview | None], None]
+
+
+class LayerWire:
+    """What a sender path gets from its KVSender to emit one layer.
+
+    ``header`` seals a LAYER header with the layer's block digests (the bytes
+    a tcp frame starts with, or a nixl notification); ``send`` writes a frame
+    on the side channel; ``block_to_corrupt`` is the fault injector's pick
+    for this layer (None: send it intact, always so unless the knob is on).
+    """
+
+    def __init__(self, key: bytes, send: SendFrame, faults: FaultInjector | None) -> None:
+        self._key = key
+        self.send = send
+        self._faults = faults
+
+    def header(self, plan: TransferPlan, layer_idx: int, nbytes: int,
+               digests: BlockDigests) -> bytes:
+        """Header + aux bytes of the LAYER frame for these digests. Pure."""
+        head = encode_header(LAYER, nbytes, plan, layer_idx, layer_aux_size(plan.num_blocks))
+        return head + encode_layer_aux(self._key, head, digests)
+
+    def block_to_corrupt(self, plan: TransferPlan, layer_idx: int) -> int | None:
+        return None if self._faults is None else self._faults.block_to_corrupt(plan, layer_idx)
 
 
 class SenderPath:
@@ -41,8 +67,12 @@ class SenderPath:
         """Learn the receiver's memory from its Welcome. Mutates the path."""
 
     def send_layer(self, plan: TransferPlan, layer_idx: int, k_cache: torch.Tensor,
-                   v_cache: torch.Tensor, send_frame: SendFrame) -> int:
-        """Move the plan's src blocks of one layer; returns the KV bytes moved."""
+                   v_cache: torch.Tensor, wire: LayerWire) -> int:
+        """Move the plan's src blocks of one layer with their digests; returns the KV bytes moved.
+
+        The digests are of the bytes as read from ``k_cache``/``v_cache``, one per
+        block, K blocks first (``digests.py``); the header comes from ``wire.header``.
+        """
         raise NotImplementedError
 
     def take_writes(self, transfer_id: str) -> list:

@@ -155,9 +155,11 @@ class _Child:
     def sender_init(self, seed, device="cpu"):
         self.cache = make_cache(seed).to(device)
 
-    def connect(self, name, address, transport, token=TOKEN, identity_over=None):
+    def connect(self, name, address, transport, token=TOKEN, identity_over=None,
+                fault_rate=None, fault_seed=None):
         self.senders[name] = KVSender(address, token, identity(**(identity_over or {})),
-                                      self.transport(transport))
+                                      self.transport(transport), fault_rate=fault_rate,
+                                      fault_seed=fault_seed)
 
     def send(self, name, plan, layer_ids):
         plan = plan_from_wire(plan)
@@ -172,6 +174,12 @@ class _Child:
     def sender_stats(self, name):
         s = self.senders[name]
         return dict(bytes_sent=s.bytes_sent, is_alive=s.is_alive)
+
+    def faults_injected(self, name):
+        return {tid: list(pick) for tid, pick in self.senders[name].faults_injected.items()}
+
+    def close_sender(self, name):
+        self.senders.pop(name).close()
 
     def sleep(self, seconds):
         time.sleep(seconds)

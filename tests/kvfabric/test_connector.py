@@ -91,12 +91,15 @@ def test_identity_from_kv_spec():
 
 def test_header_round_trips_through_a_nixl_notification():
     plan = SCHED.plan("req", [1, 2], [3, 4], 0, attempt=1)
-    h = parse_notification(encode_header(LAYER, 4096, plan, 3))
-    assert (h.kind, h.transfer_id, h.request_id, h.layer, h.attempt, h.nbytes) == \
-        (LAYER, "req#1", "req", 3, 1, 4096)
+    h, aux = parse_notification(encode_header(LAYER, 4096, plan, 3, aux_nbytes=3) + b"abc")
+    assert (h.kind, h.transfer_id, h.request_id, h.layer, h.attempt, h.nbytes, aux) == \
+        (LAYER, "req#1", "req", 3, 1, 4096, b"abc")
     assert h.dst_digest == dst_digest((3, 4)) != dst_digest((4, 3))
     with pytest.raises(ProtocolError):
         parse_notification(b"XXXX" + encode_header(LAYER, 1, plan, 0)[4:])
+    with pytest.raises(ProtocolError) as info:  # aux cut short
+        parse_notification(encode_header(LAYER, 1, plan, 0, aux_nbytes=4) + b"ab")
+    assert str(info.value) == "notification carries 2 aux bytes, header says 4"
 
 
 def test_hello_round_trips_without_pickle_and_rejects_garbage():
@@ -110,7 +113,8 @@ def test_transport_registry():
     assert get_transport("tcp").name == "tcp"
     with pytest.raises(ValueError) as info:
         get_transport("carrier-pigeon")
-    assert str(info.value) == "unknown KV transport 'carrier-pigeon'; choose one of ['tcp', 'nixl']"
+    assert str(info.value) == ("unknown KV transport 'carrier-pigeon'; "
+                               "choose one of ['tcp', 'nixl', 'nccl']")
 
 
 def test_missing_nixl_is_a_clear_import_error(monkeypatch):

@@ -9,6 +9,15 @@ from conftest import SENDER_SEED, Peers
 from fabric_actor import POISON, TOKEN, Actor, RemoteError, identity, plan_to_wire
 from test_transfer import ALL_LAYERS, SCHED, assert_landed, receiver_cache
 
+from pdserve.kvfabric.digests import (
+    ALGO_CRC32,
+    MAC_SIZE,
+    block_digests,
+    encode_layer_aux,
+    finish_mac,
+    layer_aux_size,
+    mac_key,
+)
 from pdserve.kvfabric.frames import (
     FINISH,
     HELLO,
@@ -20,6 +29,7 @@ from pdserve.kvfabric.frames import (
     encode_header,
     encode_msg,
     encode_raw_header,
+    read_aux,
     read_control_payload,
     read_header,
 )
@@ -165,6 +175,26 @@ def test_sender_raises_once_the_receiver_died():
         peers.sender.stop()
 
 
+ONE_BLOCK_LAYER = 16 * 2 * 32 * 4  # K (or V) of one block in one layer, fp32
+
+
+def sealed_layer_frame(plan, layer: int, payload: bytes, **over) -> bytes:
+    """A LAYER frame as an honest sender would build it (digests + seal); ``over``
+    replaces header fields after the seal was made (a rewritten frame)."""
+    n = len(payload) // ONE_BLOCK_LAYER
+    h = FrameHeader(LAYER, plan.transfer_id, plan.request_id, layer, plan.attempt,
+                    dst_digest(plan.dst_block_ids), len(payload), layer_aux_size(n // 2))
+    rows = torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(n, -1)
+    aux = encode_layer_aux(mac_key(TOKEN), encode_raw_header(h),
+                           block_digests(ALGO_CRC32, rows))
+    return encode_raw_header(FrameHeader(**{**h.__dict__, **over})) + aux + payload
+
+
+def sealed_finish_frame(plan, payload: bytes) -> bytes:
+    header = encode_header(FINISH, len(payload), plan, aux_nbytes=MAC_SIZE)
+    return header + finish_mac(mac_key(TOKEN), header, payload) + payload
+
+
 class RawPeer:
     """A hand-driven sender: handshakes properly, then writes any bytes it likes."""
 
@@ -173,13 +203,13 @@ class RawPeer:
         self.sock = socket.create_connection((host, int(port)), timeout=5)
         hello = encode_msg(Hello(token=TOKEN, identity=identity(), transport="tcp"))
         self.sock.sendall(encode_header(HELLO, len(hello)) + hello)
-        welcome = decode_welcome(read_control_payload(self.sock, read_header(self.sock)))
+        h = read_header(self.sock)
+        read_aux(self.sock, h)
+        welcome = decode_welcome(read_control_payload(self.sock, h))
         assert (welcome.ok, welcome.num_blocks) == (True, 64)
 
-    def layer(self, plan, layer: int, payload: bytes, nbytes: int | None = None) -> None:
-        h = FrameHeader(LAYER, plan.transfer_id, plan.request_id, layer, plan.attempt,
-                        dst_digest(plan.dst_block_ids), len(payload) if nbytes is None else nbytes)
-        self.sock.sendall(encode_raw_header(h) + payload)
+    def layer(self, plan, layer: int, payload: bytes, **over) -> None:
+        self.sock.sendall(sealed_layer_frame(plan, layer, payload, **over))
 
 
 @pytest.mark.parametrize("module_peers", ["tcp"], indirect=True)
@@ -198,7 +228,7 @@ def test_malformed_frames_fail_only_their_transfer(peers):
     data = torch.randn((4, 2, 1, 16, 2, 32), generator=torch.Generator().manual_seed(5))
     for layer in range(4):
         raw.layer(good, layer, data[layer].numpy().tobytes())
-    raw.sock.sendall(encode_header(FINISH, 2, good) + b"ok")
+    raw.sock.sendall(sealed_finish_frame(good, b"ok"))
     assert sorted(peers.events(3)) == [
         ["complete", "m2#0", b"ok"],
         ["error", "m0#0", f"layer 0 has {3 * one_block} bytes, expected {2 * one_block}"],
@@ -206,7 +236,7 @@ def test_malformed_frames_fail_only_their_transfer(peers):
     assert peers.stats()["num_dropped_frames"] == dropped + 1
 
     raw.layer(cut, 0, data[0].numpy().tobytes())
-    raw.sock.sendall(b"GARBAGE-GARBAGE-GARBAGE-GARBAGE")
+    raw.sock.sendall(b"GARBAGE-" * 5)
     [[kind, tid, reason]] = peers.events(1)
     assert (kind, tid) == ("error", "m3#0")
     assert reason.endswith(" sent a malformed frame (bad frame magic b'GARB')")

@@ -1,0 +1,175 @@
+"""Per-block digests of the KV bytes a transfer moves, and the seal that binds them to a frame.
+
+Every LAYER frame carries one digest per moved block, K blocks first, then V
+(the order of the packed ``[2, n, B, Hkv, D]`` buffer), and a MAC keyed by
+the cluster token over the frame header and those digests. The receiver
+recomputes the digests over what it is about to scatter (tcp) or over what
+landed (nixl) and fails the transfer on any difference, so corrupted bytes,
+a frame replayed into another transfer, and a truncated payload never
+complete a transfer. The aux section of a LAYER frame::
+
+    offset  size     field
+    0       1        algorithm (ALGO_CRC32 or ALGO_WSUM)
+    1       3        pad
+    4       4        count = 2 * num_blocks
+    8       4*count  digests (uint32)
+    ..      16       MAC (HMAC-SHA256, truncated) of header bytes + the above
+
+FINISH frames carry only the MAC (of header bytes + payload) as aux.
+
+Two digest algorithms, chosen by the sender from where its bytes are and
+named in the frame, so the receiver computes the same one wherever its bytes are:
+
+- ``ALGO_CRC32``: zlib.crc32 of each block's bytes (CPU memory).
+- ``ALGO_WSUM``: a weighted sum of each block's bytes read as int32 words,
+  ``sum_c cw[c] * (sum_i w[i] * x[c, i] mod P) mod P`` over chunks ``c`` of
+  CHUNK words, P = 2**31 - 1, with pseudo-random position weights; every
+  intermediate is exact in int64, so CPU and GPU agree bit for bit. One torch
+  reduction on the GPU; detects any changed word (P is prime and larger than
+  any single-byte change), swaps of words and zeroed tails.
+"""
+
+import hashlib
+import hmac
+import struct
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+ALGO_CRC32, ALGO_WSUM = 1, 2
+ALGO_NAMES = {ALGO_CRC32: "crc32", ALGO_WSUM: "wsum"}
+MAC_SIZE = 16
+_AUX = struct.Struct("<B3xI")
+_P = (1 << 31) - 1
+_CHUNK = 1 << 14  # words per inner sum: |x * w| < 2**46, 2**14 of them < 2**60 (int64-exact)
+
+
+class DigestError(Exception):
+    """The aux section cannot be parsed (the frame is rejected, not the connection)."""
+
+
+@dataclass(frozen=True)
+class BlockDigests:
+    """One layer's digests: ``values[i]`` for packed block ``i`` (K blocks, then V blocks)."""
+
+    algo: int
+    values: tuple[int, ...]
+
+    def first_mismatch(self, other: "BlockDigests") -> int | None:
+        """Index of the first block whose digest differs, or None. Pure."""
+        for i, (a, b) in enumerate(zip(self.values, other.values, strict=True)):
+            if a != b:
+                return i
+        return None
+
+
+def algo_for(device: torch.device) -> int:
+    """The algorithm a sender uses for bytes on ``device``. Pure."""
+    return ALGO_CRC32 if device.type == "cpu" else ALGO_WSUM
+
+
+def block_digests(algo: int, blocks: torch.Tensor) -> BlockDigests:
+    """Digests of each row of ``blocks`` (``[m, bytes_per_block]`` uint8, any device). Pure."""
+    if blocks.dtype != torch.uint8 or blocks.dim() != 2:
+        raise ValueError(f"blocks must be a 2-D uint8 tensor, got {blocks.dtype} "
+                         f"{tuple(blocks.shape)}")
+    if algo == ALGO_CRC32:
+        return BlockDigests(algo, _crc32_rows(blocks))
+    if algo == ALGO_WSUM:
+        return BlockDigests(algo, _wsum_rows(blocks))
+    raise DigestError(f"unknown digest algorithm {algo}")
+
+
+def as_block_rows(t: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """A contiguous tensor's bytes as ``[num_rows, -1]`` uint8 (no copy). Pure."""
+    return t.reshape(-1).view(torch.uint8).view(num_rows, -1)
+
+
+def cache_block_digests(algo: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        block_ids: torch.Tensor) -> BlockDigests:
+    """Digests of blocks ``block_ids`` (``[n]`` int64, on the cache's device) of one
+    layer's ``[NB, B, Hkv, D]`` caches, K blocks then V: what packing them would digest. Pure.
+    """
+    num_blocks = k_cache.shape[0]
+    rows = torch.cat([as_block_rows(k_cache, num_blocks).index_select(0, block_ids),
+                      as_block_rows(v_cache, num_blocks).index_select(0, block_ids)])
+    return block_digests(algo, rows)  # [2n, bytes_per_block]
+
+
+def _crc32_rows(blocks: torch.Tensor) -> tuple[int, ...]:
+    rows = blocks.contiguous().cpu()  # no copy for CPU tensors
+    mv, width = memoryview(rows.numpy()).cast("B"), rows.shape[1]
+    return tuple(zlib.crc32(mv[i * width:(i + 1) * width]) for i in range(rows.shape[0]))
+
+
+def _wsum_rows(blocks: torch.Tensor) -> tuple[int, ...]:
+    m, width = blocks.shape
+    if m == 0:
+        return ()
+    words = blocks.contiguous()
+    words = words.view(torch.int32) if width % 4 == 0 else words  # [m, W]
+    x = words.to(torch.int64)
+    num_words = x.shape[1]
+    chunk = min(_CHUNK, num_words)
+    num_chunks = -(-num_words // chunk)
+    if num_chunks * chunk != num_words:
+        x = torch.nn.functional.pad(x, (0, num_chunks * chunk - num_words))
+    pos = torch.arange(chunk, dtype=torch.int64, device=x.device)
+    w = (pos * 0x9E3779B1 + 0x7F4A7C15) % 32749 + 1  # [chunk] in 1..32749
+    c = torch.arange(1, num_chunks + 1, dtype=torch.int64, device=x.device)
+    cw = (c * 0x85EBCA6B) % _P + 1  # [num_chunks]
+    inner = torch.remainder((x.view(m, num_chunks, chunk) * w).sum(-1), _P)  # [m, num_chunks]
+    outer = torch.remainder(torch.remainder(inner * cw, _P).sum(-1), _P)  # [m]
+    return tuple(outer.tolist())
+
+
+# -- aux sections and their seal --
+
+def mac_key(token: str) -> bytes:
+    """The MAC key every peer of a cluster derives from its token. Pure."""
+    return hashlib.sha256(b"pdserve-kvfabric-mac\0" + token.encode()).digest()
+
+
+def _mac(key: bytes, header: bytes, body: bytes | memoryview) -> bytes:
+    h = hmac.new(key, header, hashlib.sha256)
+    h.update(body)
+    return h.digest()[:MAC_SIZE]
+
+
+def layer_aux_size(num_blocks: int) -> int:
+    """Bytes of a LAYER frame's aux section for a plan of ``num_blocks``. Pure."""
+    return _AUX.size + 8 * num_blocks + MAC_SIZE
+
+
+def encode_layer_aux(key: bytes, header: bytes, digests: BlockDigests) -> bytes:
+    """The aux section of a LAYER frame whose header bytes are ``header``. Pure."""
+    body = _AUX.pack(digests.algo, len(digests.values)) + struct.pack(
+        f"<{len(digests.values)}I", *digests.values)
+    return body + _mac(key, header, body)
+
+
+def decode_layer_aux(key: bytes, header: bytes, aux: bytes) -> BlockDigests:
+    """Check the seal and parse a LAYER frame's aux section. Raises DigestError. Pure."""
+    if len(aux) < _AUX.size + MAC_SIZE:
+        raise DigestError(f"digest section of {len(aux)} bytes is too short")
+    body, mac = aux[:-MAC_SIZE], aux[-MAC_SIZE:]
+    if not hmac.compare_digest(mac, _mac(key, header, body)):
+        raise DigestError("digest seal does not match the frame (replayed, rewritten or "
+                          "corrupted header or digests)")
+    algo, count = _AUX.unpack_from(body)
+    if algo not in ALGO_NAMES or len(body) != _AUX.size + 4 * count:
+        raise DigestError(f"bad digest section (algorithm {algo}, {count} digests)")
+    return BlockDigests(algo, struct.unpack_from(f"<{count}I", body, _AUX.size))
+
+
+def finish_mac(key: bytes, header: bytes, payload: bytes | memoryview) -> bytes:
+    """The aux section of a FINISH frame. Pure."""
+    return _mac(key, header, payload)
+
+
+def check_finish_mac(key: bytes, header: bytes, payload: bytes, aux: bytes) -> str | None:
+    """Why a FINISH frame's seal is wrong, or None. Pure."""
+    if len(aux) != MAC_SIZE or not hmac.compare_digest(aux, _mac(key, header, payload)):
+        return "finish frame seal does not match (replayed, rewritten or corrupted)"
+    return None
