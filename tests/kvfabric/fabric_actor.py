@@ -19,7 +19,14 @@ import time
 import msgspec
 import torch
 
-from pdserve.kvfabric import FabricIdentity, KVReceiver, KVSender, TransferPlan, get_transport
+from pdserve.kvfabric import (
+    FabricIdentity,
+    FabricTransferCancelled,
+    KVReceiver,
+    KVSender,
+    TransferPlan,
+    get_transport,
+)
 
 SHAPE = dict(num_layers=4, num_blocks=64, block_size=16, num_kv_heads=2, head_dim=32)
 POISON = -7.0
@@ -167,6 +174,17 @@ class _Child:
 
     def finish(self, name, plan, payload):
         self.senders[name].finish(plan_from_wire(plan), payload)
+
+    def transfer(self, name, plan, payload):
+        """Every layer, then finish; the receiver's cancel (seen between calls) as a string."""
+        plan = plan_from_wire(plan)
+        try:
+            for i, (k, v) in enumerate(self.layers()):
+                self.senders[name].send_layer(plan, i, k, v)
+            self.senders[name].finish(plan, payload)
+        except FabricTransferCancelled as e:
+            return str(e)
+        return None
 
     def abort(self, name, plan):
         self.senders[name].abort(plan_from_wire(plan))
