@@ -117,6 +117,7 @@ class Registry:
             r = w.report
             rows.append({
                 "name": w.worker_id, "role": w.role, "healthy": self.is_healthy(w, now),
+                "request_address": w.request_address,
                 "pid": w.pid, "running": r.get("running", 0), "waiting": r.get("waiting", 0),
                 "free_blocks": r.get("free_blocks", w.total_blocks),
                 "total_blocks": r.get("total_blocks", w.total_blocks),

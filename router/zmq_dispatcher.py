@@ -20,6 +20,7 @@ import zmq
 import zmq.asyncio
 
 from pdserve.engine import messages as m
+from pdserve.engine.request_state import RequestState, StateTable
 from pdserve.router.dispatcher import DispatchError
 from pdserve.router.registry import Registry, WorkerState
 
@@ -47,6 +48,8 @@ class ZmqDispatcher:
         self._tasks: list[asyncio.Task] = []
         self.decisions = {"remote_prefill": 0, "local_prefill": 0}
         self.dropped_frames = 0
+        self.states = StateTable()  # the router's view of every live request
+        self.reroutes = 0
         self.placer = placer
 
     async def start(self) -> None:
@@ -97,6 +100,9 @@ class ZmqDispatcher:
         self.decisions["remote_prefill" if prefill else "local_prefill"] += 1
         prefill_done = prefill is None
         finished = False
+        states = self.states
+        states.set(request_id, RequestState.QUEUED)
+        states.set(request_id, RequestState.TRANSFERRING if prefill else RequestState.PREFILLING)
         try:
             await self._send(decode.request_address, m.GenerateRequest(
                 token=self.token, request_id=request_id, prompt_token_ids=prompt_token_ids,
@@ -109,6 +115,13 @@ class ZmqDispatcher:
                 if not prefill_done:
                     prefill_done = True
                     prefill.inflight -= 1
+                if delta.error is not None:
+                    states.set(request_id, RequestState.FAILED)
+                elif delta.finished:
+                    states.set(request_id, RequestState.FINISHED
+                               if delta.finish_reason != "abort" else RequestState.ABORTED)
+                elif delta.token_ids:
+                    states.set(request_id, RequestState.DECODING)
                 if delta.finished or delta.error is not None:
                     finished = True
                 yield delta
@@ -120,6 +133,7 @@ class ZmqDispatcher:
             if placed is not None:
                 self.placer.done(placed)
             if not finished:  # closed early (disconnect, time-out): stop it on the workers
+                states.set(request_id, RequestState.ABORTED)
                 self._send_nowait(decode.request_address, m.Abort(self.token, request_id))
             decode.inflight -= 1
             if not prefill_done:
@@ -137,7 +151,9 @@ class ZmqDispatcher:
 
     def status(self) -> dict:
         return {"model": self.model_name, "mode": self.mode,
-                "workers": self.registry.status(), "routing": dict(self.decisions)}
+                "workers": self.registry.status(), "routing": dict(self.decisions),
+                "requests": {"live": self.states.live(), "ended": dict(self.states.counts),
+                             "reroutes": self.reroutes}}
 
     def metrics_text(self) -> str:
         lines = ["# TYPE pdserve_routing_decisions_total counter"]
@@ -184,14 +200,24 @@ class ZmqDispatcher:
                     queue.put_nowait(delta)
 
     async def _watch(self) -> None:
+        """End requests on a dead decode worker with an error; reroute hand-offs whose
+        prefill peer stopped reporting to a local prefill on their decode worker."""
         while True:
             await asyncio.sleep(0.25)
             now = time.monotonic()
-            for rid, (decode, _prefill) in list(self._placement.items()):
-                if now - decode.last_report_at > self.registry.heartbeat_timeout_s:
+            timeout = self.registry.heartbeat_timeout_s
+            for rid, (decode, prefill) in list(self._placement.items()):
+                if now - decode.last_report_at > timeout:
                     queue = self._queues.get(rid)
                     if queue is not None:
                         queue.put_nowait(m.TokenDelta(
                             request_id=rid, token_ids=[], text="", finished=True,
                             finish_reason="abort",
                             error=f"decode worker {decode.worker_id} stopped responding"))
+                elif (prefill is not None and now - prefill.last_report_at > timeout
+                      and self.states.get(rid) == RequestState.TRANSFERRING):
+                    self.states.set(rid, RequestState.PREFILLING)
+                    self.reroutes += 1
+                    await self._send(decode.request_address, m.Reroute(
+                        self.token, rid, f"prefill worker {prefill.worker_id} stopped "
+                        "responding"))
