@@ -4,7 +4,9 @@ In the step where a request's last prompt chunk runs, the layer hook sends
 layer i of all of its blocks the decode side lacks as soon as layer i is
 computed (blocks of earlier chunks are complete in every layer already).
 After the step the sampled first token goes in the finish frame, and the
-request's blocks are released (they stay in the prefix cache).
+request's blocks are released (they stay in the prefix cache). On CUDA the
+sends run on a push thread and side stream (``layer_push.py``), so layer i
+moves while layer i+1 computes; the step flushes them before the finish.
 """
 
 import logging
@@ -20,6 +22,7 @@ from pdserve.kvfabric import (
     KVSender,
     TransferPlan,
 )
+from pdserve.prefill.layer_push import LayerPusher
 
 log = logging.getLogger("pdserve.prefill")
 
@@ -35,6 +38,7 @@ class PrefillWorker(WorkerRuntime):
         self.jobs: dict[str, m.PrefillRequest] = {}
         self.plans: dict[str, TransferPlan] = {}  # jobs whose layers are being sent
         self.broken: dict[str, str] = {}  # request id -> why its push failed this step
+        self.pusher = LayerPusher(e.device)
 
     def kv_bytes(self) -> tuple[int, int]:
         return sum(s.bytes_sent for s in self.senders.values()), 0
@@ -101,13 +105,16 @@ class PrefillWorker(WorkerRuntime):
                                                          job.first_block, job.dst_block_ids)
                     self.plans[req.request_id] = plan
                 k, v = self.engine.kv_cache.layers[layer]
-                self._sender(job.kv_address).send_layer(plan, layer, k, v)
+                sender = self._sender(job.kv_address)
+                self.pusher.push(req.request_id, lambda s=sender, p=plan, i=layer, k=k, v=v:
+                                 s.send_layer(p, i, k, v))
             except (ValueError, FabricError) as exc:
                 self.broken[req.request_id] = str(exc)
 
     def step(self) -> list[m.TokenDelta]:
         e = self.engine
         deltas = e.step(self._layer_hook)
+        self.broken.update(self.pusher.flush())
         by_id = {d.request_id: d for d in deltas}
         for rid, why in list(self.broken.items()):
             job = self.jobs.get(rid)
