@@ -169,8 +169,9 @@ class NixlSenderPath(SenderPath):
         dst = np.asarray(plan.dst_block_ids, dtype=np.uint64) * blk
         mem_type, dev = _mem(k_cache)
         rk, rv = w.layer_addrs[layer_idx]
-        local = _descs([k_cache.data_ptr() + src, v_cache.data_ptr() + src], blk, dev)
-        remote = _descs([rk + dst, rv + dst], blk, w.device_id)
+        src, dst, lengths = _coalesce(src, dst, blk)
+        local = _descs([k_cache.data_ptr() + src, v_cache.data_ptr() + src], lengths, dev)
+        remote = _descs([rk + dst, rv + dst], lengths, w.device_id)
         nbytes = 2 * plan.num_blocks * blk
         src_ids = torch.tensor(plan.src_block_ids, dtype=torch.int64, device=k_cache.device)
         digests = cache_block_digests(algo_for(k_cache.device), k_cache, v_cache, src_ids)
@@ -221,12 +222,29 @@ class NixlSenderPath(SenderPath):
             self._remote = None
 
 
-def _descs(addr_runs: list[np.ndarray], length: int, dev: int) -> np.ndarray:
-    """Nx3 (addr, len, dev) rows, the runs one after the other. Pure."""
+def _coalesce(src: np.ndarray, dst: np.ndarray,
+              blk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Merge blocks that are consecutive on both sides into runs. Pure.
+
+    src/dst: byte offsets of the blocks, pairwise. Returns (src starts, dst
+    starts, run lengths in bytes): one descriptor per run instead of per block
+    (a fresh pool's blocks are mostly consecutive; UCX pays per descriptor).
+    """
+    if src.size == 0:
+        return src, dst, src
+    step = np.uint64(blk)
+    cut = np.flatnonzero((src[1:] != src[:-1] + step) | (dst[1:] != dst[:-1] + step)) + 1
+    starts = np.concatenate([[0], cut])
+    counts = np.diff(np.concatenate([starts, [src.size]]))
+    return src[starts], dst[starts], counts.astype(np.uint64) * step
+
+
+def _descs(addr_runs: list[np.ndarray], lengths: np.ndarray, dev: int) -> np.ndarray:
+    """Nx3 (addr, len, dev) rows, the runs one after the other (each with ``lengths``). Pure."""
     addrs = np.concatenate(addr_runs)
     out = np.empty((addrs.size, 3), dtype=np.uint64)
     out[:, 0] = addrs
-    out[:, 1] = length
+    out[:, 1] = np.tile(lengths, len(addr_runs))
     out[:, 2] = dev
     return out
 
