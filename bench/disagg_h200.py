@@ -375,7 +375,7 @@ def http_run(args, config: Path, port: int, prompts: list[list[int]]) -> dict:
                      daemon=True).start()
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + 150
         while not any("pdserve: serving" in ln for ln in lines):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("pdserve serve did not start:\n" + "".join(lines[-40:]))
@@ -447,6 +447,8 @@ def main() -> None:
     if args.role == "decode":
         decode_main(args)
         return
+    if args.device == "cuda":
+        args.device = "cuda:0"  # every process names the same GPU with its index
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -460,15 +462,16 @@ def main() -> None:
                              "time = first send_layer to the decode side's on_complete; "
                              "TTFT disagg ends when the decode side holds every layer and "
                              "the finish frame (it then streams the first token)")}
+    name = "disagg_cpu_tiny" if args.tiny else "disagg_h200"
     if not args.skip_fabric:
         result["fabric"] = fabric_part(args, model_dir, device)
+        log(f"wrote {write_result(name, result)} (fabric part)")
     if not args.skip_http:
         try:
             result["http"] = http_part(args, model_dir, tmp)
         except Exception as e:  # keep the fabric numbers if serving fails
             result["http"] = {"error": f"{type(e).__name__}: {e}"[-3000:]}
             log(f"HTTP part failed: {e}")
-    name = "disagg_cpu_tiny" if args.tiny else "disagg_h200"
     path = write_result(name, result)
     log(f"wrote {path}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -30,6 +30,8 @@ class LayerPusher:
     """Runs layer sends in order on one thread; collects failures by request id."""
 
     def __init__(self, device: torch.device) -> None:
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
         self._errors: dict[str, str] = {}
         self._jobs: queue.Queue | None = None
