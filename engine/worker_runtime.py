@@ -229,8 +229,12 @@ class WorkerRuntime:
     def handle(self, msg) -> None:
         raise NotImplementedError
 
+    def tick(self, _layer: int | None = None) -> None:
+        """Progress inside a step (called per layer): a long step is not a stalled loop."""
+        self.loop_time = time.monotonic()
+
     def step(self) -> list[m.TokenDelta]:
-        deltas = self.engine.step()
+        deltas = self.engine.step(self.tick)
         for d in deltas:
             if d.finished:
                 self.deadlines.pop(d.request_id, None)

@@ -90,6 +90,7 @@ class PrefillWorker(WorkerRuntime):
                                              job.first_block, job.dst_block_ids)
 
     def _layer_hook(self, layer: int) -> None:
+        self.tick(layer)
         sched = self.engine.current_schedule
         for s in sched.scheduled:
             req = s.request

@@ -29,8 +29,8 @@ class RouterConfig:
     control_port: int = 0  # 0 = any free port
     request_timeout_s: float = 600.0
     api_keys: tuple[str, ...] = ()
-    heartbeat_timeout_s: float = 3.0
-    loop_stall_s: float = 5.0
+    heartbeat_timeout_s: float = 5.0
+    loop_stall_s: float = 10.0
 
 
 @dataclass(frozen=True)
