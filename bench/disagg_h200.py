@@ -12,6 +12,13 @@
     python -m pdserve.bench.disagg_h200 [--tiny --device cpu] [--transports nixl,tcp]
 
 Writes ``disagg_h200.json`` (or ``disagg_cpu_tiny.json``) under $OUT or bench/results.
+
+Run 1 (rev a92330a, bench/results/disagg_h200.json): d2d copy 2.11 TB/s; nixl moved
+the 512 MiB at 15.8 GB/s (0.0075x), about 1 ms per 16 MiB layer write, so UCX did not
+take the CUDA IPC path that DESIGN.md measured at 1.3 TB/s (next: UCX_PROTO_INFO=y /
+UCX_TLS to see and force it); tcp 0.46 GB/s. Layer-wise push hid most of it: the last
+layer landed 1.4 ms after prefill ended, but prefill with the push ran 128 ms against
+105 ms colocated (TTFT 1.23x). Greedy text and logprobs identical over HTTP.
 """
 
 import argparse

@@ -13,8 +13,9 @@ Public names:
 - ``KVSender`` (sender.py), ``KVReceiver`` (receiver.py): the worker half,
   prefill side and decode side.
 - ``get_transport``, ``Transport``, ``TRANSPORT_NAMES`` (transport.py):
-  ``"tcp"`` (tcp.py, the CPU default) and ``"nixl"`` (nixl.py, one-sided
-  NIXL/UCX writes).
+  ``"tcp"`` (tcp.py, the CPU default), ``"nixl"`` (nixl.py, one-sided
+  NIXL/UCX writes) and ``"nccl"`` (nccl.py, a 2-rank torch.distributed group
+  per pair; gloo on CPU tensors).
 - ``FabricError``, ``FabricHandshakeError``, ``FabricPeerError``,
   ``FabricTransferCancelled``, ``FabricTransportUnavailable`` (errors.py).
 
