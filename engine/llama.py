@@ -3,7 +3,10 @@
 Our own torch modules: RMSNorm, RoPE (with Llama-3 scaling), GQA attention
 through ``pdserve.kernels`` ops, SwiGLU, tied or untied embeddings. Q/K/V
 and gate/up projections are fused; ``load_weights`` maps HF names onto them.
-No transformers code runs in the forward pass.
+No transformers code runs in the forward pass. On CUDA the element-wise
+work runs as fused Triton kernels (``kernels.triton_fused``): residual add +
+RMSNorm, RoPE + KV store, SiLU * up; the residual stream is passed between
+layers so that its add folds into the next norm.
 """
 
 from collections.abc import Callable
@@ -27,7 +30,20 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """RMSNorm(x), or with ``residual``: RMSNorm(x + residual) and the sum (the new
+        residual). On CUDA the sum is written into ``residual`` (mutated)."""
+        if x.is_cuda:
+            from pdserve.kernels.triton_fused import rms_norm
+
+            out = rms_norm(x, self.weight, self.eps, residual)
+            return out if residual is None else (out, residual)
+        if residual is not None:
+            x = x + residual
+            return self._norm(x), x
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -52,8 +68,14 @@ class Attention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)  # [T, Hq, D]
         k = k.view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = rope(positions, q, k)
-        kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if x.is_cuda:  # rotates q in place, stores rotated k and v
+            from pdserve.kernels.triton_fused import rope_store_kv
+
+            rope_store_kv(q, k, v, positions, rope.cos, rope.sin, k_cache, v_cache,
+                          meta.slot_mapping)
+        else:
+            q, k = rope(positions, q, k)
+            kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         nd = meta.num_decode_tokens
         if nd == t:
             out = kernels.paged_decode_attention(q, k_cache, v_cache, meta.decode_block_tables,
@@ -80,6 +102,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
+        if x.is_cuda:
+            from pdserve.kernels.triton_fused import silu_and_mul
+
+            return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
@@ -92,9 +118,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, positions, rope, k_cache, v_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, k_cache, v_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, positions, rope, k_cache, v_cache, meta):
+        """Returns (this layer's MLP output, the residual stream before it); their sum
+        is the layer's output. ``residual`` None: ``x`` is the embedding."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, positions, rope, k_cache, v_cache, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -118,12 +151,13 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:  # [T, hidden]
         """Run the decoder; writes every token's K/V into the cache (mutates kv_caches)."""
         x = self.embed_tokens(input_ids)
+        residual = None
         for i, layer in enumerate(self.layers):
             k_cache, v_cache = kv_caches[i]
-            x = layer(x, positions, self.rope, k_cache, v_cache, meta)
+            x, residual = layer(x, residual, positions, self.rope, k_cache, v_cache, meta)
             if layer_hook is not None:
                 layer_hook(i)
-        return self.norm(x)
+        return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # [N, V]
