@@ -1,4 +1,14 @@
-"""Sampling from logits: greedy, temperature, top-k, top-p, per-request seeds, logprobs."""
+"""Sampling from logits: greedy, temperature, top-k, top-p, per-request seeds, logprobs.
+
+Two paths with one contract. On the CPU each sampled row is drawn on its own
+(``torch.multinomial``). On a GPU (or ``batched=True``) the whole batch is
+sampled with tensor ops and one host transfer per step: temperature as a
+column, top-k / top-p on one sort of the rows that need them, and the draw
+as ``argmax(probs / E)`` with exponential noise ``E`` (an exponential race,
+the same distribution as multinomial). Unseeded rows take their noise from
+the engine's generator in one call; a seeded request draws its own row from
+its own generator, so its tokens do not depend on the rest of the batch.
+"""
 
 from dataclasses import dataclass
 
@@ -26,20 +36,32 @@ class Sampler:
     """Holds one ``torch.Generator`` per seeded request so its draws do not depend on
     what else is in the batch; unseeded requests share the engine's generator."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, batched: bool | None = None) -> None:
+        """``batched``: None picks the batched path for GPU logits only."""
+        self._seed = seed
+        self._batched = batched
         self._default = torch.Generator().manual_seed(seed)
         self._per_request: dict[str, torch.Generator] = {}
+        self._device_default: dict[torch.device, torch.Generator] = {}
 
     def forget(self, request_id: str) -> None:
         """Drop a finished request's generator. Mutates the generator map."""
         self._per_request.pop(request_id, None)
 
-    def _generator(self, request_id: str, params: SamplingParams) -> torch.Generator:
+    def _generator(self, request_id: str, params: SamplingParams,
+                   device: torch.device | None = None) -> torch.Generator:
+        device = device or torch.device("cpu")
         if params.seed is None:
-            return self._default
+            if device.type == "cpu":
+                return self._default
+            gen = self._device_default.get(device)
+            if gen is None:
+                gen = torch.Generator(device=device).manual_seed(self._seed)
+                self._device_default[device] = gen
+            return gen
         gen = self._per_request.get(request_id)
-        if gen is None:
-            gen = torch.Generator().manual_seed(params.seed)
+        if gen is None or gen.device != device:
+            gen = torch.Generator(device=device).manual_seed(params.seed)
             self._per_request[request_id] = gen
         return gen
 
@@ -47,6 +69,9 @@ class Sampler:
                params: list[SamplingParams]) -> SampleResult:
         """logits: [N, V] float32 (any device). Advances generators of sampled requests."""
         logits = logits.float()
+        batched = self._batched if self._batched is not None else logits.is_cuda
+        if batched:
+            return self._sample_batched(logits, request_ids, params)
         greedy_ids = logits.argmax(dim=-1)
         token_ids = greedy_ids.tolist()
         for i, p in enumerate(params):
@@ -76,3 +101,70 @@ class Sampler:
                     token_ids[i], float(lp[row, token_ids[i]]),
                     tuple(zip(top_i.tolist(), top_v.tolist(), strict=True)))
         return SampleResult(token_ids, logprobs)
+
+    def _sample_batched(self, logits: torch.Tensor, request_ids: list[str],
+                        params: list[SamplingParams]) -> SampleResult:
+        """The batched path: one host transfer for the tokens (one more for logprobs)."""
+        dev = logits.device
+        token_ids = logits.argmax(dim=-1)  # [N]
+        rows = [i for i, p in enumerate(params) if not p.greedy]
+        if rows:
+            chosen = sample_rows(logits[torch.tensor(rows, device=dev)],
+                                 [params[i] for i in rows],
+                                 [self._generator(request_ids[i], params[i], dev)
+                                  if params[i].seed is not None else None for i in rows],
+                                 self._generator("", SamplingParams(), dev))
+            token_ids = token_ids.index_copy(0, torch.tensor(rows, device=dev), chosen)
+        want = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if not want:
+            return SampleResult(token_ids.tolist(), [None] * len(params))
+        idx = torch.tensor(want, device=dev)
+        lp = torch.log_softmax(logits[idx], dim=-1)  # [W, V]
+        n_top = max(params[i].logprobs for i in want)
+        top_v, top_i = torch.topk(lp, n_top, dim=-1)
+        chosen_lp = lp.gather(1, token_ids[idx][:, None])[:, 0]
+        host = torch.cat([token_ids.double(), chosen_lp.double(), top_v.double().flatten(),
+                          top_i.double().flatten()]).tolist()  # the one transfer
+        n = len(params)
+        ids = [int(t) for t in host[:n]]
+        w = len(want)
+        tv = host[n + w:n + w + w * n_top]
+        ti = host[n + w + w * n_top:]
+        logprobs: list[TokenLogprobs | None] = [None] * n
+        for row, i in enumerate(want):
+            k = params[i].logprobs
+            top = tuple((int(ti[row * n_top + j]), tv[row * n_top + j]) for j in range(k))
+            logprobs[i] = TokenLogprobs(ids[i], host[n + row], top)
+        return SampleResult(ids, logprobs)
+
+
+def sample_rows(logits: torch.Tensor,  # [S, V] float32, rows to sample
+                params: list[SamplingParams],  # [S], none greedy
+                generators: list[torch.Generator | None],  # [S]: a seeded row's own, or None
+                shared: torch.Generator) -> torch.Tensor:  # [S] int64 token ids
+    """Temperature, top-k, top-p and the draw for a batch of rows, as tensor ops.
+    Advances ``shared`` once and each seeded row's generator once. Pure otherwise."""
+    dev = logits.device
+    s, v = logits.shape
+    temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)
+    x = logits / temps[:, None]
+    top_ks = [min(p.top_k, v) if p.top_k else v for p in params]
+    top_ps = [p.top_p for p in params]
+    if min(top_ks) < v or min(top_ps) < 1.0:
+        srt, order = torch.sort(x, dim=-1, descending=True)  # [S, V]
+        if min(top_ks) < v:
+            k = torch.tensor(top_ks, device=dev)[:, None] - 1
+            kth = srt.gather(1, k)  # [S, 1]
+            srt = srt.masked_fill(srt < kth, float("-inf"))
+        if min(top_ps) < 1.0:
+            probs = torch.softmax(srt, dim=-1)
+            cum = probs.cumsum(-1)
+            top_p = torch.tensor(top_ps, dtype=torch.float32, device=dev)[:, None]
+            srt = srt.masked_fill((cum - probs) > top_p, float("-inf"))
+        x = torch.empty_like(x).scatter_(1, order, srt)
+    probs = torch.softmax(x, dim=-1)
+    noise = torch.empty_like(probs).exponential_(generator=shared)  # [S, V]
+    for row, gen in enumerate(generators):
+        if gen is not None:
+            noise[row].exponential_(generator=gen)
+    return (probs / noise.clamp_min_(1e-20)).argmax(dim=-1)
