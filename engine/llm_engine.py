@@ -81,7 +81,10 @@ class LLMEngine:
         self.kv_manager = KVCacheManager(self.pool, config.block_size, config.hash_seed)
         self.scheduler = Scheduler(self.kv_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens, self.max_model_len)
-        self.runner = ModelRunner(self.model, self.kv_cache, self.device, config.seed)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.device, config.seed,
+                                  max_num_seqs=config.max_num_seqs,
+                                  max_model_len=self.max_model_len,
+                                  cuda_graphs=config.cuda_graphs)
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self.finished_prefills: list[Request] = []  # prefill_only requests holding blocks
         self.num_steps = 0
