@@ -57,9 +57,31 @@ class IncrementalDetokenizer:
     text: str = ""  # emitted so far
     stopped_on: str | None = None
 
+    # Decoded text of token_ids[:_read], and the window start: each push decodes only
+    # token_ids[_prefix:] (a few tokens), so a push costs O(1), not O(length).
+    _decoded: str = ""
+    _prefix: int = 0
+    _read: int = 0
+
+    def _decode_tail(self) -> str:
+        """The text of every token so far; advances the window when the tail decodes
+        to complete characters (a trailing U+FFFD means a split UTF-8 sequence)."""
+        decode = self.tokenizer.decode
+        skip = self.skip_special_tokens
+        before = decode(self.token_ids[self._prefix:self._read], skip_special_tokens=skip)
+        after = decode(self.token_ids[self._prefix:], skip_special_tokens=skip)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self._decoded += after[len(before):]
+            self._prefix, self._read = self._read, len(self.token_ids)
+            return self._decoded
+        if len(self.token_ids) - self._prefix > 16:  # nothing printable for long: move on
+            self._decoded += after[len(before):].rstrip("\ufffd")
+            self._prefix, self._read = self._read, len(self.token_ids)
+        return self._decoded + after[len(before):]
+
     def push(self, token_ids: list[int]) -> str:
         self.token_ids.extend(token_ids)
-        full = self.tokenizer.decode(self.token_ids, skip_special_tokens=self.skip_special_tokens)
+        full = self._decode_tail()
         if self.stop:
             # Only the newly decoded region (plus overlap) can contain a new stop match.
             search_from = max(0, len(self.text) - max(len(s) for s in self.stop))
