@@ -21,7 +21,8 @@ between two reports of a worker is one sample of the formula summed over the
 steps in between. We keep the last ``window`` samples per formula and solve a
 ridge least squares pulled towards the profile's coefficients (the prior weighs
 as much as ``strength`` typical samples), so a cluster with few samples predicts
-near the profile and one with many with its own measurements. Bandwidth is an EWMA of bytes / seconds.
+near the profile and one with many with its own measurements. Bandwidth is an
+EWMA of bytes / seconds.
 
 Public names: ``CostModel``, ``load_profile``, ``Calibrator``.
 """

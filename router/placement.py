@@ -19,6 +19,7 @@ Public names: ``Placement``, ``Placer``.
 """
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -101,9 +102,21 @@ class Placer:
 
     async def start(self) -> None:
         await self.events.start()
+        self._refresher = asyncio.create_task(self._refresh_loop())
 
     async def close(self) -> None:
+        self._refresher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._refresher
         await self.events.close()
+
+    async def _refresh_loop(self, period_s: float = 0.5) -> None:
+        while True:
+            await asyncio.sleep(period_s)
+            try:
+                self.refresh()
+            except Exception:  # a bad report must not stop calibration for good
+                log.exception("calibration refresh failed")
 
     # ---- the snapshot --------------------------------------------------------------------
     def refresh(self) -> None:
