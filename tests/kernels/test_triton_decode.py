@@ -4,7 +4,6 @@ CPU: Triton's interpreter at small sizes (conftest sets it up). GPU: real
 sizes, bf16 included, and a CUDA-graph capture (which fails on a host sync).
 """
 
-import os
 import random
 
 import pytest
@@ -13,6 +12,8 @@ import torch
 from pdserve.kernels import reference
 
 triton = pytest.importorskip("triton")
+from kernel_checks import INTERPRET, TOLERANCE, gpu, interpreter, rel_err  # noqa: E402,F401
+
 from pdserve.kernels.triton_decode import (  # noqa: E402
     DecodeTuning,
     DecodeWorkspace,
@@ -20,20 +21,6 @@ from pdserve.kernels.triton_decode import (  # noqa: E402
     num_partitions,
     paged_decode_attention,
 )
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-interpreter = pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 (no GPU)")
-gpu = pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64; any NaN or inf gives inf."""
-    out64, ref64 = out.double(), ref.double()
-    if not torch.isfinite(out64).all():
-        return float("inf")
-    return ((out64 - ref64).norm() / ref64.norm()).item()
 
 
 def ragged_lens(num_seqs: int, block_size: int, max_len: int) -> list[int]:

@@ -3,7 +3,6 @@
 CPU: Triton's interpreter (conftest sets it up). GPU: real sizes, bf16 included.
 """
 
-import os
 
 import pytest
 import torch
@@ -11,12 +10,10 @@ import torch
 from pdserve.kernels import reference
 
 pytest.importorskip("triton")
+from kernel_checks import INTERPRET, gpu, interpreter  # noqa: E402,F401
+
 from pdserve.kernels.triton_blocks import pack_blocks, unpack_blocks  # noqa: E402
 from pdserve.kernels.triton_store import store_kv  # noqa: E402
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-interpreter = pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 (no GPU)")
-gpu = pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def assert_same(a: torch.Tensor, b: torch.Tensor) -> None:

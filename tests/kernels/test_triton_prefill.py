@@ -5,7 +5,6 @@ small enough that sequences span several query and key tiles. GPU: real
 sizes, bf16 included.
 """
 
-import os
 import random
 
 import pytest
@@ -14,21 +13,9 @@ import torch
 from pdserve.kernels import reference
 
 pytest.importorskip("triton")
+from kernel_checks import INTERPRET, TOLERANCE, gpu, interpreter, rel_err  # noqa: E402,F401
+
 from pdserve.kernels.triton_prefill import PrefillTuning, paged_prefill_attention  # noqa: E402
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-interpreter = pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 (no GPU)")
-gpu = pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64; any NaN or inf gives inf."""
-    out64, ref64 = out.double(), ref.double()
-    if not torch.isfinite(out64).all():
-        return float("inf")
-    return ((out64 - ref64).norm() / ref64.norm()).item()
 
 
 def check_prefill(paged_cache, q_lens, prefix_lens, hq, hkv, d, bs, dtype, device, tuning=None):
