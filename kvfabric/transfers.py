@@ -135,14 +135,9 @@ class TransferTable:
         (None: all matched). A mismatch fails the transfer and writes nothing.
         """
         with self._lock:
-            t = self._pending.get(h.transfer_id)
-            if t is None or t.failed:
-                self.num_dropped_frames += 1
-                return []
-            t.owner = conn
-            reason = check_frame(t, h, is_layer=True) or digest_error
-            if reason is not None:
-                return self._fail(t, reason, drain=True)
+            t, actions = self._admit(conn, h, True, digest_error)
+            if t is None:
+                return actions
             if write is not None:
                 write(t)
             t.layers_seen[h.layer] = True
@@ -154,16 +149,26 @@ class TransferTable:
                        seal_error: str | None) -> list[Action]:
         """The FINISH frame arrived; ``seal_error``: the outcome of checking its seal."""
         with self._lock:
-            t = self._pending.get(h.transfer_id)
-            if t is None or t.failed:
-                self.num_dropped_frames += 1
-                return []
-            t.owner = conn
-            reason = check_frame(t, h, is_layer=False) or seal_error
-            if reason is not None:
-                return self._fail(t, reason, drain=True)
+            t, actions = self._admit(conn, h, False, seal_error)
+            if t is None:
+                return actions
             t.payload = payload
             return self._maybe_complete(t)
+
+    def _admit(self, conn, h: FrameHeader, is_layer: bool,
+               check_error: str | None) -> tuple["Pending | None", list[Action]]:
+        """Under the lock: the pending transfer a frame belongs to, or (None, actions) when
+        the frame is dropped (unknown or failed transfer) or fails its transfer (bad frame,
+        digest or seal). Mutates the table's counters and the transfer's owner."""
+        t = self._pending.get(h.transfer_id)
+        if t is None or t.failed:
+            self.num_dropped_frames += 1
+            return None, []
+        t.owner = conn
+        reason = check_frame(t, h, is_layer=is_layer) or check_error
+        if reason is not None:
+            return None, self._fail(t, reason, drain=True)
+        return t, []
 
     def fail(self, transfer_id: str, reason: str, drain: bool = True) -> list[Action] | None:
         """Fail a transfer (cancel, abort, bad frame). None if it is not expected."""
