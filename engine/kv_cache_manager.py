@@ -20,8 +20,10 @@ class KVCacheManager:
     def _ensure_hashes(self, request: Request, num_tokens: int) -> None:
         """Extend ``request.block_hashes`` to every full block in the first ``num_tokens``.
         Mutates ``request.block_hashes``."""
-        tokens = request.all_token_ids
         bs = self.block_size
+        if (len(request.block_hashes) + 1) * bs > num_tokens:
+            return
+        tokens = request.all_token_ids
         while (len(request.block_hashes) + 1) * bs <= num_tokens:
             i = len(request.block_hashes)
             parent = request.block_hashes[-1] if i else None
@@ -78,6 +80,7 @@ class KVCacheManager:
             assert not request.blocks, "prefix hits only for a request without blocks"
             self.pool.touch(hits)
             request.blocks = list(hits)
+            request.num_registered_blocks = len(hits)  # hits are cached blocks already
             cached = len(hits) * self.block_size
             request.num_computed_tokens = cached
             request.num_cached_tokens = max(request.num_cached_tokens, cached)
@@ -87,24 +90,30 @@ class KVCacheManager:
         return True
 
     def cache_full_blocks(self, request: Request) -> None:
-        """Register every full, computed block of the request in the prefix cache.
-        Mutates the pool's cache and ``request.block_hashes``."""
+        """Register the request's full, computed blocks not yet offered to the prefix cache
+        (so each step costs only its new blocks). Mutates the pool's cache,
+        ``request.block_hashes`` and ``request.num_registered_blocks``."""
         if not self.pool.enable_caching:
             return
         num_full = min(request.num_computed_tokens // self.block_size, len(request.blocks))
+        start = request.num_registered_blocks
+        if num_full <= start:
+            return
         self._ensure_hashes(request, num_full * self.block_size)
         tokens = request.all_token_ids
         bs = self.block_size
-        for i in range(num_full):
+        for i in range(start, num_full):
             block = request.blocks[i]
             if block.block_hash is not None:
                 continue
             parent = request.block_hashes[i - 1] if i else None
             self.pool.cache_block(block, request.block_hashes[i],
                                   tuple(tokens[i * bs:(i + 1) * bs]), parent)
+        request.num_registered_blocks = num_full
 
     def free(self, request: Request) -> None:
         """Release every block of the request, tail first (so its tail is evicted first).
         Mutates the pool and empties ``request.blocks``."""
         self.pool.free(list(reversed(request.blocks)))
         request.blocks = []
+        request.num_registered_blocks = 0

@@ -40,6 +40,7 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    num_registered_blocks: int = 0  # leading blocks already offered to the prefix cache
     num_computed_total: int = 0  # tokens this request has actually run through the model
     num_preemptions: int = 0
     status: RequestStatus = RequestStatus.WAITING
