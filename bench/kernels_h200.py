@@ -206,9 +206,12 @@ def sdpa_decode_ms(q, kc, vc, scale):
 
 DECODE_SWEEP = [(64, 4, 3), (128, 4, 2)]
 # (block_n, num_warps, num_stages) x fused merge or a merge kernel x partition sizes
+B1_SWEEP = [(32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2),
+            (128, 8, 2), (128, 8, 3)]
+# --b1-sweep: the latency-bound batch-1 case over more launch shapes (fused merge only)
 
 
-def bench_decode(name, lens, sweep, copy_bw):
+def bench_decode(name, lens, sweep, copy_bw, grid=None):
     dtype = torch.bfloat16
     k, v, tables = paged(lens, dtype)
     n = len(lens)
@@ -238,7 +241,8 @@ def bench_decode(name, lens, sweep, copy_bw):
         tried = []
         max_tokens = tables.shape[1] * BS
         parts = sorted({p for p in (128, 256, 512, 1024, 2048) if p < max_tokens} | {max_tokens})
-        for (bn, w, s), fused, part in itertools.product(DECODE_SWEEP, (True, False), parts):
+        fused_opts = (True,) if grid else (True, False)
+        for (bn, w, s), fused, part in itertools.product(grid or DECODE_SWEEP, fused_opts, parts):
             if part == max_tokens and not fused:
                 continue  # one partition: no merge at all
             tune = DecodeTuning(part, bn, w, s, fused)
@@ -405,6 +409,8 @@ def main():
     ap.add_argument("--rev", default=None, help="git revision (when the copy has no .git)")
     ap.add_argument("--sweep", action="store_true", help="also time other launch shapes")
     ap.add_argument("--skip-checks", action="store_true")
+    ap.add_argument("--b1-sweep", action="store_true",
+                    help="sweep more launch shapes for the batch-1 case only")
     ap.add_argument("--plot", metavar="JSON", help="only plot the decode sweep of a result file")
     args = ap.parse_args()
     if args.plot:
@@ -432,7 +438,9 @@ def main():
                     ("decode ragged B=32", [random.randint(64, 8192) for _ in range(32)])]
     result["decode"] = []
     for name, lens in decode_cases:
-        result["decode"].append(bench_decode(name, lens, args.sweep, copy_bw))
+        b1 = args.b1_sweep and len(lens) == 1
+        result["decode"].append(bench_decode(name, lens, args.sweep or b1, copy_bw,
+                                             B1_SWEEP if b1 else None))
         print(json.dumps({k: v for k, v in result["decode"][-1].items() if k != "lens"}),
               flush=True)
     prefill_cases = [("prefill 2048 cached + 2048 new", [2048], [2048]),

@@ -21,6 +21,8 @@ outputs (logits ``[b, V]`` float32) are static tensors, overwritten by the
 next replay of any bucket.
 """
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 
@@ -57,6 +59,7 @@ class DecodeGraphs:
         self._host_np = self._host.numpy()
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._logits: dict[int, torch.Tensor] = {}
+        self._workspaces: dict[int, object] = {}
         self.capture_seconds = 0.0
 
     def _size(self, b: int) -> int:
@@ -88,8 +91,25 @@ class DecodeGraphs:
             decode_context_lens=ctx, prefill_block_tables=empty.view(0, self.max_blocks),
             prefill_query_start_loc=torch.zeros(1, dtype=torch.int32, device=self.device),
             prefill_context_lens=empty)
+        meta = replace(meta, decode_workspace=self._workspaces[b])
         hidden = self.model(ids, pos, self.kv_cache.layers, meta)
         return self.model.compute_logits(hidden)  # [b, V]
+
+    def _new_workspace(self, b: int):
+        """Split-K scratch for bucket ``b``, allocated before its capture and shared by
+        every layer (each launch leaves its tickets zero: no memset in the graph)."""
+        from pdserve.kernels.triton_decode import (
+            DecodeWorkspace,
+            default_tuning,
+            num_partitions,
+        )
+
+        spec = self.kv_cache.spec
+        bs = spec.block_size
+        parts = num_partitions(self.max_blocks, bs, default_tuning(
+            b, spec.num_kv_heads, self.max_blocks, bs, self.device))
+        return DecodeWorkspace.allocate(b, self.model.cfg.num_heads, spec.num_kv_heads,
+                                        spec.head_dim, parts, self.device)
 
     def _fill_padding(self, b: int, n: int) -> None:
         ids, pos, slots, ctx, _ = self.host_views(b)
@@ -108,6 +128,7 @@ class DecodeGraphs:
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.device)
         for b in reversed(self.buckets):
+            self._workspaces[b] = self._new_workspace(b)
             self._fill_padding(b, 0)
             self._host_np[4 * b:self._size(b)] = 0
             self._dev[:self._size(b)].copy_(self._host[:self._size(b)])

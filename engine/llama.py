@@ -79,7 +79,8 @@ class Attention(nn.Module):
         nd = meta.num_decode_tokens
         if nd == t:
             out = kernels.paged_decode_attention(q, k_cache, v_cache, meta.decode_block_tables,
-                                                 meta.decode_context_lens, self.scale)
+                                                 meta.decode_context_lens, self.scale,
+                                                 meta.decode_workspace)
         elif nd == 0:
             out = kernels.paged_prefill_attention(
                 q, k_cache, v_cache, meta.prefill_block_tables, meta.prefill_query_start_loc,

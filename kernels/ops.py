@@ -24,13 +24,18 @@ def store_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
     impl(key, value, k_cache, v_cache, slot_mapping)
 
 
-def paged_decode_attention(query, k_cache, v_cache, block_tables, context_lens, scale):
-    """See ``reference.paged_decode_attention``."""
+def paged_decode_attention(query, k_cache, v_cache, block_tables, context_lens, scale,
+                           workspace=None):
+    """See ``reference.paged_decode_attention``. ``workspace``: the Triton kernel's
+    split-K scratch (``triton_decode.DecodeWorkspace``), reused across calls when given
+    (the reference needs none)."""
     if _use_triton(query):
         from pdserve.kernels.triton_decode import paged_decode_attention as impl
-    else:
-        impl = reference.paged_decode_attention
-    return impl(query, k_cache, v_cache, block_tables, context_lens, scale)
+
+        return impl(query, k_cache, v_cache, block_tables, context_lens, scale,
+                    workspace=workspace)
+    return reference.paged_decode_attention(query, k_cache, v_cache, block_tables,
+                                            context_lens, scale)
 
 
 def paged_prefill_attention(query, k_cache, v_cache, block_tables, query_start_loc,

@@ -178,23 +178,28 @@ def _decode_kernel(
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     table = tables_ptr + seq.to(tl.int64) * stride_tn
+    # The block ids of the next tile are loaded beside this tile's K and V, so a tile
+    # costs one memory round trip, not two (block id, then the KV it names).
+    toks = start + offs_n  # [BLOCK_N]
+    blk = tl.load(table + toks // KV_BLOCK, mask=toks < end, other=0).to(tl.int64)
     for kv0 in range(start, end, BLOCK_N):
-        toks = kv0 + offs_n  # [BLOCK_N]
         t_mask = toks < end
-        blk = tl.load(table + toks // KV_BLOCK, mask=t_mask, other=0).to(tl.int64)
         kv_off = (blk * stride_kb + (toks % KV_BLOCK) * stride_kt + kv_head * stride_kh)[:, None] \
             + offs_d[None, :]  # [BLOCK_N, BLOCK_D]; V has K's strides
         kv_mask = t_mask[:, None] & d_mask[None, :]
         k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
+        toks_next = toks + BLOCK_N
+        blk = tl.load(table + toks_next // KV_BLOCK, mask=toks_next < end, other=0).to(tl.int64)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N]
         s = tl.where(t_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
+        toks = toks_next
 
     if SPLIT:
         num_valid = tl.minimum(tl.cdiv(ctx, partition_size), num_parts)  # programs that ran
