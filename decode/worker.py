@@ -10,6 +10,10 @@ Hand-off of one request (``GenerateRequest`` with ``prefill_worker`` set)::
                                     (the next attempt; late frames of the old one
                                     are refused by the receiver)
     abort / deadline             -> engine.abort (blocks freed) + Abort to P
+
+While a hand-off is expected, its lease at P is renewed (``LeaseRenew`` every
+third of ``kv_lease_s``, from the loop and from inside long steps); a worker
+that stops (SIGSTOP, a stalled loop) lets P free the blocks it holds for it.
 """
 
 import logging
@@ -30,14 +34,35 @@ class DecodeWorker(WorkerRuntime):
         self.identity = FabricIdentity.from_kv_spec(spec.engine.model, e.kv_spec,
                                                     e.config.hash_seed, HASH_ALGORITHM)
         self.receiver = KVReceiver(e.kv_cache.layers, self.identity, spec.token,
-                                   transport=spec.transport, host=spec.host)
+                                   transport=spec.transport, host=spec.host, port=spec.kv_port)
         self.planner = KVConnectorScheduler(e.model_config.num_layers)
         self.handoffs: dict[str, tuple[str, m.GenerateRequest]] = {}  # id -> (prefill, msg)
         self.fallbacks = 0  # hand-offs that failed and were prefilled here instead
         self.retry: list[m.GenerateRequest] = []  # hand-offs waiting for free blocks
+        self.next_renewal = 0.0  # monotonic time of the next LeaseRenew round
 
     def kv_address(self) -> str:
-        return self.receiver.address
+        """Where prefill peers send KV: the advertised address, else the receiver's."""
+        return self.spec.kv_advertise or self.receiver.address
+
+    def housekeeping(self) -> None:
+        self._renew_leases()
+
+    def tick(self, layer: int | None = None) -> None:
+        super().tick(layer)
+        self._renew_leases()
+
+    def _renew_leases(self) -> None:
+        """Every third of a lease, tell each prefill peer which hand-offs still need it."""
+        now = time.monotonic()
+        if now < self.next_renewal or not self.handoffs:
+            return
+        self.next_renewal = now + self.spec.kv_lease_s / 3
+        by_peer: dict[str, list[str]] = {}
+        for rid, (prefill, _) in self.handoffs.items():
+            by_peer.setdefault(prefill, []).append(rid)
+        for prefill, rids in by_peer.items():
+            self.send_to(prefill, m.LeaseRenew(self.spec.token, self.request_address, rids))
 
     def pending_transfers(self) -> int:
         return self.receiver.num_pending
@@ -85,11 +110,12 @@ class DecodeWorker(WorkerRuntime):
         cached_blocks = req.num_computed_tokens // e.config.block_size
         plan = self.planner.plan(msg.request_id, None, req.block_ids, cached_blocks)
         rid = msg.request_id
-        # The transfer includes the prefill peer's queueing: bound it by the request's
-        # own deadline when it has one (a dead peer is caught by its connection).
+        # The transfer includes the prefill peer's queueing: bound it by the transfer
+        # time-out and by the request's own deadline (a dead peer is caught by its
+        # connection, a peer cut off by the network by this time-out).
         timeout_s = self.spec.transfer_timeout_s
         if msg.deadline is not None:
-            timeout_s = max(1.0, msg.deadline - time.time())
+            timeout_s = min(timeout_s, max(1.0, msg.deadline - time.time()))
         self.receiver.expect(
             plan,
             on_complete=lambda p, payload: self.local.put(lambda: self._landed(rid, payload)),
@@ -99,7 +125,7 @@ class DecodeWorker(WorkerRuntime):
         self.send_to(msg.prefill_worker, m.PrefillRequest(
             token=self.spec.token, request_id=rid, prompt_token_ids=msg.prompt_token_ids,
             sampling=msg.sampling, decode_worker=self.request_address,
-            kv_address=self.receiver.address, first_block=cached_blocks,
+            kv_address=self.kv_address(), first_block=cached_blocks,
             dst_block_ids=list(plan.dst_block_ids), deadline=msg.deadline))
 
     def _landed(self, request_id: str, payload: bytes) -> None:

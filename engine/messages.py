@@ -3,6 +3,7 @@
     router --GenerateRequest/Abort--> decode worker (or colocated worker)
     router --Reroute--> decode worker       (its prefill peer was ejected)
     decode --PrefillRequest/Abort--> prefill worker
+    decode --LeaseRenew--> prefill worker  (while it still expects the KV; engine/lease.py)
     prefill --PrefillDone--> decode          (after the last KV layer is sent)
     worker --TokenBatch--> router            (one message per step, many sequences)
 
@@ -73,6 +74,15 @@ class Abort(msgspec.Struct, tag="abort", frozen=True):
     request_id: str
 
 
+class LeaseRenew(msgspec.Struct, tag="lease_renew", frozen=True):
+    """Decode -> prefill: keep holding these requests' blocks for me (``engine/lease.py``).
+    Renewals for holds the prefill worker no longer has are ignored."""
+
+    token: str
+    decode_worker: str  # the renewing decode worker's request address (the lease's peer)
+    request_ids: list[str]
+
+
 class Reroute(msgspec.Struct, tag="reroute", frozen=True):
     """Router -> decode: the prefill peer of this request is gone; prefill it here."""
 
@@ -110,7 +120,8 @@ class TokenBatch(msgspec.Struct, tag="tokens", frozen=True):
     deltas: list[TokenDelta]
 
 
-Message = GenerateRequest | PrefillRequest | PrefillDone | Abort | TokenBatch | Reroute | Stall
+Message = (GenerateRequest | PrefillRequest | PrefillDone | Abort | TokenBatch | Reroute | Stall
+           | LeaseRenew)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

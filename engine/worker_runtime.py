@@ -44,7 +44,10 @@ class WorkerSpec:
     host: str = "127.0.0.1"
     transport: str = "tcp"
     heartbeat_s: float = 0.5
-    transfer_timeout_s: float = 120.0
+    transfer_timeout_s: float = 120.0  # a hand-off's KV must land within this (decode side)
+    kv_lease_s: float = 5.0  # prefill side: a hold its decode peer stops renewing lapses
+    kv_port: int = 0  # decode side: the KV receiver's port (0 = any free port)
+    kv_advertise: str = ""  # decode side: "host:port" prefill peers dial (a proxy, a NAT)
 
 
 def delta_to_wire(d: StepDelta, error: str | None = None) -> m.TokenDelta:
@@ -205,6 +208,7 @@ class WorkerRuntime:
                     break
                 fn()
             self._expire_deadlines()
+            self.housekeeping()
             if self.engine.has_unfinished():
                 steps, t0 = self.engine.num_steps, time.perf_counter()
                 deltas = self.step()
@@ -228,6 +232,9 @@ class WorkerRuntime:
     # ---- for subclasses -----------------------------------------------------------------
     def handle(self, msg) -> None:
         raise NotImplementedError
+
+    def housekeeping(self) -> None:
+        """Periodic work on the loop thread, once a turn after the inbox (leases)."""
 
     def tick(self, _layer: int | None = None) -> None:
         """Progress inside a step (called per layer): a long step is not a stalled loop."""

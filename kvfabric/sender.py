@@ -16,10 +16,14 @@ A background thread reads the connection: CANCEL frames (the receiver no
 longer expects a transfer: later calls for it raise FabricTransferCancelled,
 and for nixl the in-flight writes are waited for, then CANCEL_ACK is sent)
 and the connection's end (later calls raise FabricPeerError).
+``send_timeout_s`` bounds how long one send may wait for the receiver to take
+bytes (a stopped or cut-off peer): past it the connection is shut (the receiver
+sees the frame truncated) and calls raise FabricPeerError.
 Keep one KVSender per decode peer; it is safe to call from one thread at a time.
 """
 
 import socket
+import struct
 import threading
 
 import torch
@@ -57,11 +61,13 @@ class KVSender:
     Raises FabricHandshakeError (refused: the message names why) or
     FabricPeerError (unreachable). ``fault_rate``/``fault_seed``: the test knob
     of ``faults.py`` (None: from ``PDSERVE_FABRIC_FAULT_RATE``, default off).
+    ``send_timeout_s``: None waits for the receiver forever.
     """
 
     def __init__(self, address: str, token: str, identity: FabricIdentity,
                  transport: str | Transport = "tcp", connect_timeout_s: float = 5.0,
-                 fault_rate: float | None = None, fault_seed: int | None = None) -> None:
+                 fault_rate: float | None = None, fault_seed: int | None = None,
+                 send_timeout_s: float | None = None) -> None:
         self.address = address
         self.identity = identity
         self._mac_key = mac_key(token)
@@ -73,6 +79,7 @@ class KVSender:
         self._send_lock = threading.Lock()  # one frame at a time on the socket
         self._cancelled: dict[str, str] = {}  # transfer_id -> receiver's reason
         self._dead: str | None = None
+        self._send_timeout_s = send_timeout_s
         self.bytes_sent = 0
         host, port = address.rsplit(":", 1)
         try:
@@ -87,6 +94,10 @@ class KVSender:
             self._path.close()
             raise
         self._sock.settimeout(None)
+        if send_timeout_s is not None:  # a blocked send fails with EAGAIN after this long
+            sec = int(send_timeout_s)
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack(
+                "ll", sec, int((send_timeout_s - sec) * 1e6)))
         self._reader = threading.Thread(target=self._read_loop, daemon=True,
                                         name=f"kvsend-{address}")
         self._reader.start()
@@ -228,7 +239,13 @@ class KVSender:
                 if payload is not None and len(payload):
                     self._sock.sendall(payload)
         except OSError as e:
+            if isinstance(e, BlockingIOError):  # SO_SNDTIMEO: the receiver took nothing
+                e = TimeoutError(f"no progress for {self._send_timeout_s:g} s")
             self._dead = self._dead or f"connection failed ({e})"
+            try:  # a frame may be half sent: end the stream so the receiver sees it cut
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             raise FabricPeerError(f"KV receiver {self.address}: {self._dead}") from e
 
     def _read_loop(self) -> None:

@@ -7,6 +7,11 @@ After the step the sampled first token goes in the finish frame, and the
 request's blocks are released (they stay in the prefix cache). On CUDA the
 sends run on a push thread and side stream (``layer_push.py``), so layer i
 moves while layer i+1 computes; the step flushes them before the finish.
+
+A job holds its blocks for the decode peer under a lease (``engine/lease.py``)
+that the peer renews with ``LeaseRenew``; a lapsed job is aborted (blocks
+freed, the transfer failed), and a send that the peer does not take for a
+whole lease ends the connection, so a stopped decode worker cannot hang us.
 """
 
 import logging
@@ -14,6 +19,7 @@ import time
 
 from pdserve.engine import messages as m
 from pdserve.engine.block_hash import HASH_ALGORITHM
+from pdserve.engine.lease import LeaseTable
 from pdserve.engine.worker_runtime import WorkerRuntime, WorkerSpec
 from pdserve.kvfabric import (
     FabricError,
@@ -39,6 +45,7 @@ class PrefillWorker(WorkerRuntime):
         self.plans: dict[str, TransferPlan] = {}  # jobs whose layers are being sent
         self.broken: dict[str, str] = {}  # request id -> why its push failed this step
         self.pusher = LayerPusher(e.device)
+        self.leases = LeaseTable(spec.kv_lease_s)  # jobs' holds, renewed by their peers
 
     def kv_bytes(self) -> tuple[int, int]:
         return sum(s.bytes_sent for s in self.senders.values()), 0
@@ -46,8 +53,14 @@ class PrefillWorker(WorkerRuntime):
     def _sender(self, address: str) -> KVSender:
         sender = self.senders.get(address)
         if sender is None or not sender.is_alive:
+            if sender is not None:
+                sender.close()
+            extra = self.spec.engine.extra
             sender = KVSender(address, self.spec.token, self.identity,
-                              transport=self.spec.transport)
+                              transport=self.spec.transport,
+                              fault_rate=extra.get("kv_fault_rate"),
+                              fault_seed=extra.get("kv_fault_seed"),
+                              send_timeout_s=self.spec.kv_lease_s)
             self.senders[address] = sender
         return sender
 
@@ -61,8 +74,11 @@ class PrefillWorker(WorkerRuntime):
                 self._fail_job(msg, str(exc))
                 return
             self.jobs[msg.request_id] = msg
+            self.leases.grant(msg.request_id, msg.decode_worker, time.monotonic())
             if msg.deadline is not None:
                 self.deadlines[msg.request_id] = msg.deadline
+        elif isinstance(msg, m.LeaseRenew):
+            self.leases.renew(msg.decode_worker, msg.request_ids, time.monotonic())
         elif isinstance(msg, m.Abort):
             self.abort(msg.request_id, "aborted by the decode side")
         elif isinstance(msg, m.Stall) and self.spec.engine.extra.get("fault_injection"):
@@ -73,6 +89,7 @@ class PrefillWorker(WorkerRuntime):
     def _fail_job(self, job: m.PrefillRequest, error: str) -> None:
         """Tell the decode side the prefill failed (over the fabric if possible)."""
         self.jobs.pop(job.request_id, None)
+        self.leases.release(job.request_id)
         plan = self.plans.pop(job.request_id, None)
         try:
             sender = self.senders.get(job.kv_address)
@@ -131,6 +148,7 @@ class PrefillWorker(WorkerRuntime):
             job = self.jobs.pop(rid, None)
             plan = self.plans.pop(rid, None)
             self.deadlines.pop(rid, None)
+            self.leases.release(rid)
             if job is not None and plan is not None:
                 d = by_id.get(rid)
                 lp = None
@@ -140,11 +158,22 @@ class PrefillWorker(WorkerRuntime):
                 done = m.PrefillDone(self.spec.token, rid, req.output_token_ids[0], lp,
                                      req.num_cached_tokens)
                 try:
-                    self._sender(job.kv_address).finish(plan, m.encode(done))
+                    sender = self._sender(job.kv_address)
+                    sender.finish(plan, m.encode(done))
+                    corrupted = sender.faults_injected.get(plan.transfer_id)
+                    if corrupted is not None:
+                        log.warning("fault injection corrupted the KV of %s (layer %d, "
+                                    "block %d)", rid, *corrupted)
                 except FabricError as exc:
                     log.warning("finish of %s failed: %s", rid, exc)
             e.release_prefill(req)
         return []  # the decode side streams the tokens
+
+    def housekeeping(self) -> None:
+        """Abort the jobs whose decode peer stopped renewing their lease (blocks freed)."""
+        for rid, lease in self.leases.lapsed(time.monotonic()):
+            self.abort(rid, f"lease lapsed: decode worker {lease.peer} did not renew it "
+                            f"within {self.leases.lease_s:g} s")
 
     def abort(self, request_id: str, reason: str) -> None:
         self.deadlines.pop(request_id, None)

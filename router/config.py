@@ -40,6 +40,9 @@ class WorkerConfig:
     engine: dict = field(default_factory=dict)
     host: str = "127.0.0.1"
     env: dict = field(default_factory=dict)
+    kv_port: int = 0  # decode: the KV receiver's port (0 = any free port)
+    kv_advertise: str = ""  # decode: "host:port" prefill peers dial instead (a proxy, a NAT)
+    launch_prefix: tuple[str, ...] = ()  # argv before python, e.g. ip netns exec NAME
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,10 @@ class ServeConfig:
     workers: tuple[WorkerConfig, ...]
     launcher: str = "local"
     fault_injection: bool = False  # tests only: workers honour Stall messages
+    kv_fault_rate: float = 0.0  # tests only: fraction of KV transfers corrupted on purpose
+    kv_fault_seed: int | None = None
+    kv_lease_s: float = 5.0  # blocks held for a decode worker that stops renewing are freed
+    kv_transfer_timeout_s: float = 120.0  # a hand-off's KV must land within this
 
     def worker_engine(self, w: WorkerConfig) -> dict:
         return {"model": self.model, **self.engine, **w.engine}
@@ -100,7 +107,8 @@ def load_config(path: str | os.PathLike) -> ServeConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: the top level must be a mapping")
     _check_keys("", raw, ("model", "mode", "transport", "cluster_token", "router", "engine",
-                          "workers", "launcher", "fault_injection"), p)
+                          "workers", "launcher", "fault_injection", "kv_lease_s",
+                          "kv_transfer_timeout_s"), p)
     model = _typed(p, "model", raw.get("model", "smollm2-135m"), str)
     mode = raw.get("mode", "disaggregated")
     if mode not in MODES:
@@ -148,7 +156,8 @@ def load_config(path: str | os.PathLike) -> ServeConfig:
         where = f"workers[{i}]"
         if not isinstance(w, dict):
             raise ConfigError(f"{p}: key '{where}' must be a mapping")
-        _check_keys(f"{where}.", w, ("name", "role", "engine", "host", "env"), p)
+        _check_keys(f"{where}.", w, ("name", "role", "engine", "host", "env", "kv_port",
+                                     "kv_advertise", "launch_prefix"), p)
         role = w.get("role")
         if role not in ROLES:
             raise ConfigError(f"{p}: key '{where}.role' must be one of {', '.join(ROLES)}, "
@@ -160,11 +169,23 @@ def load_config(path: str | os.PathLike) -> ServeConfig:
         env = w.get("env") or {}
         if not isinstance(env, dict):
             raise ConfigError(f"{p}: key '{where}.env' must be a mapping")
+        kv_port = _typed(p, f"{where}.kv_port", w.get("kv_port", 0), int)
+        if not 0 <= kv_port < 65536:
+            raise ConfigError(f"{p}: key '{where}.kv_port' must be a port number, got {kv_port}")
+        kv_advertise = _typed(p, f"{where}.kv_advertise", w.get("kv_advertise", ""), str)
+        if kv_advertise and not kv_advertise.rpartition(":")[2].isdigit():
+            raise ConfigError(f"{p}: key '{where}.kv_advertise' must be host:port, "
+                              f"got {kv_advertise!r}")
+        prefix = w.get("launch_prefix") or []
+        if not isinstance(prefix, list) or not all(isinstance(x, str) for x in prefix):
+            raise ConfigError(f"{p}: key '{where}.launch_prefix' must be a list of strings")
         workers.append(WorkerConfig(name=name, role=role,
                                     engine=_engine_section(p, f"{where}.engine", w.get("engine")),
                                     host=_typed(p, f"{where}.host", w.get("host", router.host),
                                                 str),
-                                    env={str(k): str(v) for k, v in env.items()}))
+                                    env={str(k): str(v) for k, v in env.items()},
+                                    kv_port=kv_port, kv_advertise=kv_advertise,
+                                    launch_prefix=tuple(prefix)))
     roles = {w.role for w in workers}
     if not roles & {"decode", "colocated"}:
         raise ConfigError(f"{p}: key 'workers' needs at least one decode or colocated worker")
@@ -172,8 +193,32 @@ def load_config(path: str | os.PathLike) -> ServeConfig:
         raise ConfigError(f"{p}: key 'mode' is colocated but a worker has role prefill")
     if mode == "disaggregated" and "prefill" not in roles:
         raise ConfigError(f"{p}: key 'mode' is disaggregated but no worker has role prefill")
-    fault_injection = _typed(p, "fault_injection", raw.get("fault_injection", False), bool)
+    faults = _fault_section(p, raw.get("fault_injection", False))
+    timing = {}
+    for key in ("kv_lease_s", "kv_transfer_timeout_s"):
+        if key in raw:
+            timing[key] = _typed(p, key, raw[key], float)
+            if not timing[key] > 0:
+                raise ConfigError(f"{p}: key '{key}' must be > 0, got {raw[key]!r}")
     return ServeConfig(path=p, model=model, mode=mode, transport=transport,
                        cluster_token=token, router=router, engine=engine,
-                       workers=tuple(workers), launcher=launcher,
-                       fault_injection=fault_injection)
+                       workers=tuple(workers), launcher=launcher, **faults, **timing)
+
+
+def _fault_section(path: str, data) -> dict:
+    """``fault_injection`` (tests only): ``true`` (workers honour Stall messages), or a
+    mapping that also corrupts a random fraction of KV transfers on purpose:
+    ``{kv_fault_rate: 0.3, kv_fault_seed: 1}`` (the receiver's digests catch each one)."""
+    if isinstance(data, bool):
+        return {"fault_injection": data}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: key 'fault_injection' must be a boolean or a mapping")
+    _check_keys("fault_injection.", data, ("kv_fault_rate", "kv_fault_seed"), path)
+    rate = _typed(path, "fault_injection.kv_fault_rate", data.get("kv_fault_rate", 0.0), float)
+    if not 0.0 <= rate <= 1.0:
+        raise ConfigError(f"{path}: key 'fault_injection.kv_fault_rate' must be within 0..1, "
+                          f"got {rate!r}")
+    seed = data.get("kv_fault_seed")
+    if seed is not None:
+        seed = _typed(path, "fault_injection.kv_fault_seed", seed, int)
+    return {"fault_injection": True, "kv_fault_rate": rate, "kv_fault_seed": seed}

@@ -1,6 +1,7 @@
 """Starting and stopping worker processes for ``pdserve serve`` (the local launcher).
 
-Each worker is ``python -m pdserve.<pool> SPEC_JSON``; its output is relayed line by
+Each worker is ``python -m pdserve.<pool> SPEC_JSON`` (after the worker's
+``launch_prefix``, e.g. ``ip netns exec NAME``); its output is relayed line by
 line with a ``[name]`` prefix. ``stop`` sends SIGTERM, waits, then SIGKILLs.
 """
 
@@ -25,11 +26,16 @@ def worker_spec_json(cfg: ServeConfig, w: WorkerConfig, control_address: str) ->
         extra["load_format"] = load_format
     if cfg.fault_injection:
         extra["fault_injection"] = True
+    if cfg.kv_fault_rate:
+        extra["kv_fault_rate"] = cfg.kv_fault_rate
+        extra["kv_fault_seed"] = cfg.kv_fault_seed
     if extra:
         engine["extra"] = extra
     return json.dumps({"worker_id": w.name, "role": w.role, "control_address": control_address,
                        "token": cfg.cluster_token, "engine": engine, "host": w.host,
-                       "transport": cfg.transport})
+                       "transport": cfg.transport, "kv_lease_s": cfg.kv_lease_s,
+                       "transfer_timeout_s": cfg.kv_transfer_timeout_s,
+                       "kv_port": w.kv_port, "kv_advertise": w.kv_advertise})
 
 
 @dataclasses.dataclass
@@ -53,7 +59,8 @@ def start_workers(cfg: ServeConfig, control_address: str, out=None) -> list[Work
     for w in cfg.workers:
         env = {**os.environ, **w.env, "PYTHONUNBUFFERED": "1"}
         proc = subprocess.Popen(
-            [sys.executable, "-m", POOL_MODULE[w.role], worker_spec_json(cfg, w, control_address)],
+            [*w.launch_prefix, sys.executable, "-m", POOL_MODULE[w.role],
+             worker_spec_json(cfg, w, control_address)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
             start_new_session=True)
         relay = threading.Thread(target=_relay, args=(w.name, proc.stdout, out), daemon=True)
