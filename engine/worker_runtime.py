@@ -71,9 +71,18 @@ class StepStats:
         self.prefill_attn_tokens = self.prefill_seconds = 0.0
         self.decode_steps = self.decode_seqs = self.decode_ctx_tokens = 0
         self.decode_seconds = 0.0
+        self.prefill_requests = self.prefix_cached_tokens = 0
 
     def add(self, schedule, seconds: float) -> None:
-        """Account one step (its ``SchedulerOutput``, read after the step ran)."""
+        """Account one step (its ``SchedulerOutput``, read after the step ran). Mutates
+        the counters; a request whose first tokens ran in this step counts as a started
+        prefill, with its prefix-cache hit (``num_cached_tokens``)."""
+        for s in schedule.scheduled:
+            req = s.request
+            if req.num_computed_total == s.num_new_tokens and \
+                    req.num_computed_tokens <= req.num_prompt_tokens:
+                self.prefill_requests += 1
+                self.prefix_cached_tokens += req.num_cached_tokens
         before = [(s.num_new_tokens, s.request.num_computed_tokens - s.num_new_tokens,
                    s.request.num_prompt_tokens) for s in schedule.scheduled]
         if any(done < prompt for _, done, prompt in before):
@@ -90,7 +99,31 @@ class StepStats:
     def fields(self) -> dict:
         return {k: getattr(self, k) for k in (
             "prefill_steps", "prefill_tokens", "prefill_attn_tokens", "prefill_seconds",
-            "decode_steps", "decode_seqs", "decode_ctx_tokens", "decode_seconds")}
+            "decode_steps", "decode_seqs", "decode_ctx_tokens", "decode_seconds",
+            "prefill_requests", "prefix_cached_tokens")}
+
+
+class KVPeerTotals:
+    """Cumulative KV transfers this worker completed, per sending peer (``LoadReport``
+    ``kv_received``). ``record`` runs on the fabric's threads, ``fields`` on the
+    heartbeat thread: both take the lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._totals: dict[str, tuple[int, int, float]] = {}  # peer -> (n, bytes, seconds)
+
+    def record(self, peer: str, nbytes: int, seconds: float) -> None:
+        """Add one completed transfer from ``peer``. Mutates the totals."""
+        with self._lock:
+            n, b, s = self._totals.get(peer, (0, 0, 0.0))
+            self._totals[peer] = (n + 1, b + nbytes, s + seconds)
+
+    def fields(self) -> dict:
+        """``kv_received`` and ``kv_seconds`` for the load report. Pure."""
+        with self._lock:
+            rows = [pb.KVPeerTotals(peer=p, num_transfers=n, bytes=b, seconds=s)
+                    for p, (n, b, s) in sorted(self._totals.items())]
+        return {"kv_received": rows, "kv_seconds": sum(r.seconds for r in rows)}
 
 
 class WorkerRuntime:
@@ -113,6 +146,7 @@ class WorkerRuntime:
         self.out: zmq.Socket | None = None
         self.kv_events = KVEventPublisher(self.ctx, spec.worker_id, spec.token, spec.host)
         self.step_stats = StepStats()
+        self.kv_received = KVPeerTotals()  # decode side: filled by the fabric's callbacks
 
     # ---- registration and heartbeat ---------------------------------------------------
     def kv_address(self) -> str:
@@ -154,7 +188,7 @@ class WorkerRuntime:
                     kv_bytes_received=received, steps=e.num_steps,
                     loop_age_s=time.monotonic() - self.loop_time,
                     queued_prefill_tokens=queued, pending_transfers=self.pending_transfers(),
-                    **self.step_stats.fields())
+                    **self.step_stats.fields(), **self.kv_received.fields())
             except Exception as exc:  # router gone or slow: keep serving, log once a beat
                 log.warning("heartbeat failed: %s", exc)
 

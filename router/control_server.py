@@ -41,8 +41,13 @@ class ControlServicer(rpc.ControlServicer):
         fields = MessageToDict(request, preserving_proto_field_name=True,
                                always_print_fields_with_no_presence=True)
         fields.pop("token", None)
-        for k in ("kv_bytes_sent", "kv_bytes_received", "steps"):
-            fields[k] = int(fields.get(k, 0))
+        for k in ("kv_bytes_sent", "kv_bytes_received", "steps", "prefill_tokens",
+                  "prefill_requests", "prefix_cached_tokens"):
+            fields[k] = int(fields.get(k, 0))  # uint64 arrives as a JSON string
+        fields["kv_received"] = [
+            {"peer": r.get("peer", ""), "num_transfers": int(r.get("num_transfers", 0)),
+             "bytes": int(r.get("bytes", 0)), "seconds": float(r.get("seconds", 0.0))}
+            for r in fields.get("kv_received", [])]
         ok = self.registry.report(request.worker_id, fields)
         return pb.ReportReply(ok=ok, drain=request.worker_id in self.drain,
                               error="" if ok else "unknown worker: register first")
