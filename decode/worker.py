@@ -120,7 +120,9 @@ class DecodeWorker(WorkerRuntime):
             plan,
             on_complete=lambda p, payload: self.local.put(lambda: self._landed(rid, payload)),
             on_error=lambda p, reason: self.local.put(lambda: self._failed(rid, reason)),
-            timeout_s=timeout_s)
+            timeout_s=timeout_s,
+            on_timing=lambda p, nbytes, wire_s, src=msg.prefill_worker:
+                self.kv_received.record(src, nbytes, wire_s))
         self.handoffs[rid] = (msg.prefill_worker, msg)
         self.send_to(msg.prefill_worker, m.PrefillRequest(
             token=self.spec.token, request_id=rid, prompt_token_ids=msg.prompt_token_ids,

@@ -118,12 +118,16 @@ class KVReceiver:
 
     # -- public API --
 
-    def expect(self, plan: TransferPlan, on_complete, on_error, timeout_s: float = 30.0) -> None:
+    def expect(self, plan: TransferPlan, on_complete, on_error, timeout_s: float = 30.0,
+               on_timing=None) -> None:
         """Expect ``plan``'s KV into its dst blocks. Mutates the table.
 
         Exactly one of ``on_complete(plan, payload)`` (every layer arrived with
         matching block digests, and the sealed finish frame) or
-        ``on_error(plan, reason)`` will run.
+        ``on_error(plan, reason)`` will run. ``on_timing(plan, nbytes, wire_s)``, if
+        given, runs just before ``on_complete``: the KV bytes landed and the seconds
+        their layer frames took to read off the wire (tcp; 0.0 for one-sided peers,
+        whose writes land without us).
         Raises ValueError for a plan that cannot fit this cache or is already expected.
         """
         if plan.num_layers != self.identity.num_layers:
@@ -135,7 +139,7 @@ class KVReceiver:
         device = self._kv_layers[0][0].device
         dst_index = torch.tensor(plan.dst_block_ids, dtype=torch.int64, device=device)
         self._table.add(self._table.new_pending(plan, dst_index, on_complete, on_error,
-                                                timeout_s))
+                                                timeout_s, on_timing))
 
     def cancel(self, transfer_id: str, reason: str = "cancelled by the decode side") -> bool:
         """Stop expecting a transfer; its on_error runs (nixl: once peers confirm).
@@ -349,13 +353,15 @@ class KVReceiver:
         if t is None:
             discard(conn.sock, h.aux_nbytes + h.nbytes, memoryview(bytearray(1 << 16)))
             return
+        t0 = time.perf_counter()
         aux = read_aux(conn.sock, h)
         raw = conn.staging.read(conn.sock, h.nbytes)  # [nbytes] uint8, host
+        wire_s = time.perf_counter() - t0
         rows = as_block_rows(raw, 2 * t.plan.num_blocks)
         error = self._digest_error(h, aux, t.plan, lambda algo: block_digests(algo, rows))
         k_cache, v_cache = self._kv_layers[h.layer]
         write = lambda t: conn.staging.unpack(raw, k_cache, v_cache, t.dst_index)
-        run_actions(self._table.layer_arrived(conn, h, write, error))
+        run_actions(self._table.layer_arrived(conn, h, write, error, wire_s))
 
 
 def _send_welcome(conn: _Conn, welcome: Welcome) -> None:

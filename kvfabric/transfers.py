@@ -56,6 +56,9 @@ class Pending:
     failed: str | None = None  # reason, once it left RECEIVING
     drain_from: set = field(default_factory=set)  # one-sided peers yet to ack
     drain_deadline: float = 0.0
+    on_timing: Callable[[TransferPlan, int, float], None] | None = None
+    nbytes: int = 0  # KV payload landed so far
+    wire_s: float = 0.0  # time its layer frames took to read (0 where not measured)
 
 
 def check_frame(t: Pending, h: FrameHeader, is_layer: bool) -> str | None:
@@ -102,14 +105,15 @@ class TransferTable:
                 raise ValueError(f"transfer {t.plan.transfer_id} is already expected")
             self._pending[t.plan.transfer_id] = t
 
-    def new_pending(self, plan, dst_index, on_complete, on_error, timeout_s) -> Pending:
+    def new_pending(self, plan, dst_index, on_complete, on_error, timeout_s,
+                    on_timing=None) -> Pending:
         """A Pending for ``plan`` (not added). Pure."""
         n = plan.num_layers if plan.num_blocks else 0
         return Pending(plan, dst_index, on_complete, on_error, time.monotonic() + timeout_s,
                        timeout_s, layer_bytes=2 * plan.num_blocks * self.identity.bytes_per_block,
                        digest=dst_digest(plan.dst_block_ids),
                        layers_seen=[False] * plan.num_layers if n else [True] * plan.num_layers,
-                       num_layers_seen=plan.num_layers - n)
+                       num_layers_seen=plan.num_layers - n, on_timing=on_timing)
 
     def precheck_layer(self, conn, h: FrameHeader) -> tuple[Pending | None, list[Action]]:
         """Before reading or verifying a layer: (its transfer if worth it, actions).
@@ -128,11 +132,12 @@ class TransferTable:
             return (t, []) if reason is None else (None, self._fail(t, reason, drain=True))
 
     def layer_arrived(self, conn, h: FrameHeader, write: Callable[[Pending], None] | None,
-                      digest_error: str | None) -> list[Action]:
+                      digest_error: str | None, wire_s: float = 0.0) -> list[Action]:
         """A layer landed (nixl) or is staged (tcp: ``write`` scatters it, under the lock).
 
         ``digest_error``: the outcome of checking the layer's block digests
         (None: all matched). A mismatch fails the transfer and writes nothing.
+        ``wire_s``: how long the layer took to read off the wire (0: not measured).
         """
         with self._lock:
             t, actions = self._admit(conn, h, True, digest_error)
@@ -143,6 +148,8 @@ class TransferTable:
             t.layers_seen[h.layer] = True
             t.num_layers_seen += 1
             self.bytes_received += h.nbytes
+            t.nbytes += h.nbytes
+            t.wire_s += wire_s
             return self._maybe_complete(t)
 
     def finish_arrived(self, conn, h: FrameHeader, payload: bytes,
@@ -234,7 +241,9 @@ class TransferTable:
             return []
         del self._pending[t.plan.transfer_id]
         payload = t.payload
-        return [lambda: t.on_complete(t.plan, payload)]
+        timing = [] if t.on_timing is None else [
+            lambda: t.on_timing(t.plan, t.nbytes, t.wire_s)]
+        return timing + [lambda: t.on_complete(t.plan, payload)]
 
 
 def run_actions(actions: list[Action]) -> None:
