@@ -120,11 +120,18 @@ class Placer:
 
     # ---- the snapshot --------------------------------------------------------------------
     def refresh(self) -> None:
-        """Feed new load reports to the calibrator."""
+        """Feed new load reports to the calibrator (a decode worker's ``kv_received``
+        peers, request addresses on the wire, renamed to worker ids)."""
+        ids = {w.request_address: w.worker_id for w in self.registry.workers.values()}
         for w in self.registry.workers.values():
             if self._seen_reports.get(w.worker_id) != id(w.report) and w.report:
                 self._seen_reports[w.worker_id] = id(w.report)
-                self.calibrator.observe(w.worker_id, w.report)
+                report = w.report
+                if report.get("kv_received"):
+                    report = {**report, "kv_received": [
+                        {**r, "peer": ids.get(r["peer"], r["peer"])}
+                        for r in report["kv_received"]]}
+                self.calibrator.observe(w.worker_id, report)
 
     def snapshot(self, hashes: list[int]) -> tuple[WorkerView, ...]:
         roles = ("decode", "colocated") + (("prefill",) if self.mode == "disaggregated" else ())
@@ -256,4 +263,8 @@ class Placer:
         for k in ("prefill_step_s", "prefill_token_s", "prefill_attn_s", "decode_step_s",
                   "decode_seq_s", "decode_ctx_s", "bandwidth_bytes_s"):
             out.append(f'pdserve_router_cost_coefficient{{name="{k}"}} {getattr(m, k):.6g}')
+        out.append("# TYPE pdserve_router_pair_bandwidth_bytes_per_second gauge")
+        for pair, bw in sorted(m.pair_bandwidth_bytes_s.items()):
+            out.append(f'pdserve_router_pair_bandwidth_bytes_per_second{{pair="{pair}"}} '
+                       f'{bw:.6g}')
         return out

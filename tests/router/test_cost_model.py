@@ -76,14 +76,65 @@ def test_calibration_recovers_the_true_coefficients():
         assert getattr(m, k) == pytest.approx(getattr(true, k), rel=1e-6), k
 
 
-def test_calibration_with_one_sample_stays_near_the_profile_and_bandwidth_is_ewma():
-    profile = CostModel(prefill_step_s=0.0, prefill_token_s=1e-3, prefill_attn_s=0.0)
-    cal = Calibrator(profile, strength=1.0, ewma=0.5)
-    cal.observe("w0", {"kv_bytes_received": 0, "kv_seconds": 0.0})
-    cal.observe("w0", {"kv_bytes_received": 1000, "kv_seconds": 1.0})
-    assert cal.model.bandwidth_bytes_s == 1000.0
-    cal.observe("w0", {"kv_bytes_received": 4000, "kv_seconds": 2.0})
-    assert cal.model.bandwidth_bytes_s == 0.5 * 1000.0 + 0.5 * 3000.0
-    cal.forget("w0")
-    cal.observe("w0", {"kv_bytes_received": 0, "kv_seconds": 0.0})  # a new baseline
-    assert cal.model.bandwidth_bytes_s == 2000.0
+def _kv(*rows):
+    """A decode worker's report: cumulative (peer, transfers, bytes, seconds) rows."""
+    return {"kv_received": [{"peer": p, "num_transfers": n, "bytes": b, "seconds": s}
+                            for p, n, b, s in rows]}
+
+
+def test_transfers_use_the_profile_until_a_pair_reports():
+    profile = CostModel(kv_bytes_per_token=1000, block_size=10, transfer_latency_s=0.005,
+                        bandwidth_bytes_s=5e8)
+    cal = Calibrator(profile)
+    cal.observe("d0", _kv())
+    cal.observe("d0", _kv(("p0", 3, 0, 0.0)))  # not measured (one-sided): no sample
+    cal.observe("d0", _kv(("p0", 3, 0, 0.0)))
+    assert cal.model == profile
+    assert cal.model.transfer_s(4, "p0", "d0") == 0.005 + 4 * 10 * 1000 / 5e8
+
+
+def test_pair_latency_and_bandwidth_are_fitted_from_decode_reports():
+    profile = CostModel(kv_bytes_per_token=1000, block_size=10, transfer_latency_s=0.005,
+                        bandwidth_bytes_s=5e8)
+    cal = Calibrator(profile, strength=1e-12)
+    truth = {"p0": (0.002, 2e9), "p1": (0.001, 1e9)}  # latency s, bytes/s
+
+    def row(peer, n, nbytes):
+        lat, bw = truth[peer]
+        return peer, n, nbytes, n * lat + nbytes / bw
+
+    cal.observe("d0", _kv())
+    totals = {"p0": [0, 0], "p1": [0, 0]}
+    for peer, n, nbytes in (("p0", 1, 1_000_000), ("p0", 2, 8_000_000), ("p0", 1, 3_000_000),
+                            ("p1", 1, 2_000_000), ("p1", 3, 2_000_000)):
+        totals[peer][0] += n
+        totals[peer][1] += nbytes
+        cal.observe("d0", _kv(*(row(p, *t) for p, t in totals.items() if t[0])))
+    m = cal.model
+    for peer, (lat, bw) in truth.items():
+        assert m.pair_latency_s[f"{peer}->d0"] == pytest.approx(lat, rel=1e-9)
+        assert m.pair_bandwidth_bytes_s[f"{peer}->d0"] == pytest.approx(bw, rel=1e-9)
+        assert m.transfer_s(5, peer, "d0") == pytest.approx(lat + 50_000 / bw, rel=1e-9)
+    assert set(m.pair_bandwidth_bytes_s) == {"p0->d0", "p1->d0"}
+    # a pair that never reported: the pooled fit of every pair's samples, not the profile
+    assert m.latency("p0", "d1") == m.transfer_latency_s != profile.transfer_latency_s
+    assert 1e9 < m.bandwidth("p0", "d1") == m.bandwidth_bytes_s < 2e9
+
+
+def test_one_transfer_sample_moves_the_pair_part_way_from_the_profile():
+    # x = [transfers, bytes] = [1, 2], y = 5 s; prior [latency 1, 1/bandwidth 1]; the
+    # penalty scales are mean(x^2) = [1, 4]:  [[2, 2], [2, 8]] w = [5 + 1, 10 + 4]
+    profile = CostModel(transfer_latency_s=1.0, bandwidth_bytes_s=1.0, kv_bytes_per_token=1,
+                        block_size=2)
+    cal = Calibrator(profile, strength=1.0)
+    cal.observe("d0", _kv(("p0", 4, 10, 7.0)))
+    cal.observe("d0", _kv(("p0", 5, 12, 12.0)))
+    m = cal.model
+    assert m.pair_latency_s["p0->d0"] == pytest.approx(5 / 3, rel=1e-12)
+    assert m.pair_bandwidth_bytes_s["p0->d0"] == pytest.approx(3 / 4, rel=1e-12)
+    assert m.transfer_s(3, "p0", "d0") == pytest.approx(5 / 3 + 3 * 2 / 0.75, rel=1e-12)
+    assert m.transfer_s(3, "p1", "d0") == m.transfer_s(3, "p0", "d0")  # the pooled default
+    cal.observe("d0", _kv(("p0", 5, 12, 12.0)))  # nothing new: no sample, same fit
+    assert cal.model == m
+    cal.observe("d0", _kv(("p0", 1, 4, 1.0)))  # the worker restarted: a new baseline
+    assert cal.model == m

@@ -18,6 +18,7 @@ class W:
     role: str
     total_blocks: int = 1000
     report: dict = field(default_factory=dict)
+    request_address: str = ""
 
 
 class Reg:
@@ -89,3 +90,21 @@ def test_reports_feed_the_calibrator():
     assert pl.calibrator.model != pl.calibrator.profile
     pl.refresh()  # the same report object is not a new sample
     assert len(pl.calibrator._prefill) == 1
+
+
+def test_decode_reports_name_peers_by_address_and_calibrate_the_pair():
+    pl = Placer(Reg(W("p0", "prefill", request_address="tcp://h:1"),
+                    W("d0", "decode", request_address="tcp://h:2")), "t", "disaggregated")
+    d0 = pl.registry.workers["d0"]
+    d0.report = {"kv_received": []}
+    pl.refresh()
+    d0.report = {"kv_received": [{"peer": "tcp://h:1", "num_transfers": 2,
+                                  "bytes": 4_000_000, "seconds": 0.01}]}
+    pl.refresh()
+    m = pl.calibrator.model
+    assert set(m.pair_bandwidth_bytes_s) == set(m.pair_latency_s) == {"p0->d0"}
+    assert m.pair_bandwidth_bytes_s["p0->d0"] != pl.calibrator.profile.bandwidth_bytes_s
+    assert d0.report["kv_received"][0]["peer"] == "tcp://h:1"  # the report is not mutated
+    text = "\n".join(pl.metrics_lines())
+    assert f'pdserve_router_pair_bandwidth_bytes_per_second{{pair="p0->d0"}} ' \
+        f'{m.pair_bandwidth_bytes_s["p0->d0"]:.6g}' in text
