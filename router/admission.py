@@ -10,16 +10,25 @@
 Retry-After is the predicted time for the best candidate's queue to drain down to
 the SLO: ``best.ttft - ttft_slo`` (at least ``min_retry_s``).
 
-Targets come from the config (``SloConfig``) and may be overridden per request;
+Targets come from the config (``SloConfig``: YAML ``router.slo``) and may be
+overridden per request (``SloTargets``: the body's ``slo`` field);
 ``SloConfig.targets`` merges them. ``decide`` is pure; the waiting count and the
 sleeping are the caller's (the dispatcher).
 
-Public names: ``SloConfig``, ``Decision``, ``decide``.
+Public names: ``SloConfig``, ``SloTargets``, ``Decision``, ``decide``.
 """
 
 from dataclasses import dataclass
 
 from pdserve.router.selector import Choice
+
+
+@dataclass(frozen=True)
+class SloTargets:
+    """One request's own targets; None: the config's."""
+
+    ttft_s: float | None = None
+    tpot_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -36,6 +45,15 @@ class SloConfig:
         """(ttft, tpot) targets: the request's own where given, else the config's. Pure."""
         return (self.ttft_s if ttft_s is None else ttft_s,
                 self.tpot_s if tpot_s is None else tpot_s)
+
+    def as_dict(self) -> dict:
+        """The settings in the YAML's units, for ``/status``. Pure."""
+        return {"ttft_ms": _ms(self.ttft_s), "tpot_ms": _ms(self.tpot_s),
+                "max_queue_s": self.max_wait_s, "max_waiting": self.max_waiting}
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1e3, 6)
 
 
 @dataclass(frozen=True)

@@ -106,7 +106,9 @@ async def relay(dispatcher: Dispatcher, request_id: str, req: GenerationRequest,
     on every exit before a finished delta."""
     finished = False
     tracker.begin()
-    deltas = dispatcher.generate(request_id, req.prompt_token_ids, req.sampling, deadline)
+    own_slo = {} if req.slo is None else {"slo": req.slo}  # only for requests that set one
+    deltas = dispatcher.generate(request_id, req.prompt_token_ids, req.sampling, deadline,
+                                 **own_slo)
     try:
         while not finished:
             delta = await _next(deltas, deadline)

@@ -2,12 +2,15 @@
 load; every error names the file and the key."""
 
 import dataclasses
+import math
 import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from pdserve.router.admission import SloConfig
 
 ROLES = ("prefill", "decode", "colocated")
 MODES = ("disaggregated", "colocated")
@@ -31,6 +34,7 @@ class RouterConfig:
     api_keys: tuple[str, ...] = ()
     heartbeat_timeout_s: float = 5.0
     loop_stall_s: float = 10.0
+    slo: SloConfig = field(default_factory=SloConfig)  # YAML: router.slo (see _slo_section)
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,42 @@ def _engine_section(path: str, where: str, data) -> dict:
     return dict(data)
 
 
+def _slo_section(path: str, data) -> SloConfig:
+    """``router.slo``: ``{ttft_ms, tpot_ms, max_queue_s, max_waiting}``, all optional.
+    Targets are positive milliseconds (null: none); a request that no placement can
+    serve within them waits up to ``max_queue_s`` (at most ``max_waiting`` such
+    requests at once), then gets 429 with Retry-After."""
+    if data is None:
+        return SloConfig()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: key 'router.slo' must be a mapping")
+    _check_keys("router.slo.", data, ("ttft_ms", "tpot_ms", "max_queue_s", "max_waiting"), path)
+
+    def number(key: str, low: float, strict: bool, what: str):
+        v = data.get(key)
+        if v is None:
+            return None
+        if (not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v)
+                or v < low or (strict and v == low)):
+            raise ConfigError(f"{path}: key 'router.slo.{key}' must be {what}, got {v!r}")
+        return v
+
+    kw = {}
+    for key, name in (("ttft_ms", "ttft_s"), ("tpot_ms", "tpot_s")):
+        v = number(key, 0, True, "a positive number of milliseconds")
+        kw[name] = None if v is None else v / 1e3
+    v = number("max_queue_s", 0, False, "a number of seconds >= 0")
+    if v is not None:
+        kw["max_wait_s"] = float(v)
+    v = number("max_waiting", 0, False, "an integer >= 0")
+    if v is not None:
+        if not isinstance(v, int):
+            raise ConfigError(f"{path}: key 'router.slo.max_waiting' must be an integer >= 0, "
+                              f"got {v!r}")
+        kw["max_waiting"] = v
+    return SloConfig(**kw)
+
+
 def load_config(path: str | os.PathLike) -> ServeConfig:
     """Read and validate ``path``. Raises ConfigError naming the file and the key."""
     p = str(path)
@@ -136,7 +176,9 @@ def load_config(path: str | os.PathLike) -> ServeConfig:
     _check_keys("router.", router_raw, fields_, p)
     router_kwargs = {}
     for k, v in router_raw.items():
-        if k == "api_keys":
+        if k == "slo":
+            router_kwargs[k] = _slo_section(p, v)
+        elif k == "api_keys":
             if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
                 raise ConfigError(f"{p}: key 'router.api_keys' must be a list of strings")
             router_kwargs[k] = tuple(v)

@@ -8,13 +8,16 @@ this file; tests use an in-process one over an ``LLMEngine``.
 
 Contract of ``generate``::
 
-    async for delta in dispatcher.generate(rid, ids, spec, deadline):
+    async for delta in dispatcher.generate(rid, ids, spec, deadline, slo):
         ...            # token_ids / text / logprobs of the new tokens
                        # the last delta has finished=True (finish_reason stop|length|abort)
                        # or error set (the request failed server-side; nothing follows)
 
 * ``request_id`` is minted by the router (unique, never a client's header).
 * ``deadline`` is unix time (``time.time()``) after which workers may abort.
+* ``slo``: the request's own TTFT / TPOT targets (``SloTargets``), passed by keyword
+  only when the request set them (None: the config's); a dispatcher without SLO
+  admission ignores it.
 * Before its first delta, ``generate`` may raise ``DispatchError`` (no worker,
   overloaded: 429 with Retry-After); the client then gets that status.
 * Stopping iteration early (``aclose``, cancellation) does NOT abort the
@@ -26,6 +29,7 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol, runtime_checkable
 
 from pdserve.engine.messages import SamplingSpec, TokenDelta
+from pdserve.router.admission import SloTargets
 
 
 class DispatchError(Exception):
@@ -49,7 +53,8 @@ class Dispatcher(Protocol):
     tokenizer: Any  # a transformers tokenizer of the served model
 
     def generate(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingSpec,
-                 deadline: float | None) -> AsyncIterator[TokenDelta]:
+                 deadline: float | None, slo: SloTargets | None = None
+                 ) -> AsyncIterator[TokenDelta]:
         """Start the request and yield its deltas until one is finished or has ``error``.
         Written as ``async def ... yield``; the request is queued on first iteration."""
         ...

@@ -8,14 +8,19 @@ is OpenAI's error object. Unknown fields are ignored, as OpenAI and vLLM do.
 
     max_tokens:  given -> prompt + max_tokens must fit in max_model_len
                  absent -> max_model_len - prompt tokens (the room left, as vLLM does)
+    slo:         pdserve's extension, {"ttft_ms": 500, "tpot_ms": 50} (either may be
+                 left out or null): this request's own SLO targets, positive
+                 milliseconds, in place of the config's (router.slo)
 """
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from pdserve.engine.messages import SamplingSpec
 from pdserve.engine.tokenizer import apply_chat_template
+from pdserve.router.admission import SloTargets
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
 MAX_STOP = 4
@@ -56,6 +61,7 @@ class GenerationRequest:
     sampling: SamplingSpec  # logprobs is None unless the client asked for logprobs
     stream: bool = False
     include_usage: bool = False
+    slo: SloTargets | None = None  # the request's own targets (None: the config's)
 
 
 def parse_json(raw: bytes) -> dict:
@@ -185,6 +191,25 @@ def _sampling(body: dict, num_prompt_tokens: int, max_model_len: int, max_tokens
     return spec
 
 
+def _slo(body: dict) -> SloTargets | None:
+    """The ``slo`` extension field: positive, finite milliseconds per target."""
+    slo = _field(body, "slo", "object")
+    if slo is None:
+        return None
+    for key in slo:
+        if key not in ("ttft_ms", "tpot_ms"):
+            raise bad(f"'slo' has an unknown key '{key}' (allowed: ttft_ms, tpot_ms)",
+                      f"slo.{key}")
+    seconds = {}
+    for key in ("ttft_ms", "tpot_ms"):
+        v = slo.get(key)
+        if v is not None and (not _KINDS["number"](v) or not math.isfinite(v) or v <= 0):
+            raise bad(f"'slo.{key}' must be a positive number of milliseconds, got "
+                      f"{json.dumps(v)}", f"slo.{key}")
+        seconds[key] = None if v is None else v / 1e3
+    return SloTargets(seconds["ttft_ms"], seconds["tpot_ms"])
+
+
 def _stream_flags(body: dict) -> tuple[bool, bool]:
     stream = _field(body, "stream", "boolean", False)
     options = _field(body, "stream_options", "object")
@@ -235,7 +260,7 @@ def parse_chat(body: dict, model_name: str, max_model_len: int,
     stream, include_usage = _stream_flags(body)
     spec = _sampling(body, len(prompt_ids), max_model_len, max_tokens,
                      (top or 0) if want else None)
-    return GenerationRequest("chat", prompt_ids, spec, stream, include_usage)
+    return GenerationRequest("chat", prompt_ids, spec, stream, include_usage, _slo(body))
 
 
 def _prompt_ids(body: dict, tokenizer) -> list[int]:
@@ -274,4 +299,5 @@ def parse_completion(body: dict, model_name: str, max_model_len: int,
     logprobs = _in_range(body, "logprobs", "integer", 0, MAX_COMPLETION_LOGPROBS)
     stream, include_usage = _stream_flags(body)
     spec = _sampling(body, len(prompt_ids), max_model_len, max_tokens, logprobs)
-    return GenerationRequest("completion", prompt_ids, spec, stream, include_usage)
+    return GenerationRequest("completion", prompt_ids, spec, stream, include_usage,
+                             _slo(body))

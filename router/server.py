@@ -41,7 +41,7 @@ async def serve(cfg: ServeConfig, port: int | None = None, out=None) -> int:
         hash_seed=cfg.engine.get("hash_seed", defaults.hash_seed),
         hash_algorithm=HASH_ALGORITHM), cfg.router.heartbeat_timeout_s,
         cfg.router.loop_stall_s)
-    placer = Placer(registry, cfg.cluster_token, cfg.mode)
+    placer = Placer(registry, cfg.cluster_token, cfg.mode, slo=cfg.router.slo)
     dispatcher = ZmqDispatcher(cfg.model, tokenizer, _context_len(model_dir, cfg.engine),
                                registry, cfg.cluster_token, cfg.mode, cfg.router.host,
                                placer=placer)

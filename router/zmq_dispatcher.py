@@ -5,7 +5,8 @@
                 TokenDeltas that arrive on the router's PULL socket.
     abort():    PUSH an Abort to the decode worker (it tells its prefill peer).
     watchdog:   a request whose decode worker stops being healthy ends with an
-                error delta (never a hang, never a silent cut).
+                error delta (never a hang, never a silent cut), and an Abort is
+                queued for that worker in case it comes back.
 
 With a ``Placer`` (router/placement.py) the pair comes from the prefix index and the
 cost-model selector, with SLO admission; without one, ``choose`` is least-loaded.
@@ -21,6 +22,7 @@ import zmq.asyncio
 
 from pdserve.engine import messages as m
 from pdserve.engine.request_state import RequestState, StateTable
+from pdserve.router.admission import SloTargets
 from pdserve.router.dispatcher import DispatchError
 from pdserve.router.registry import Registry, WorkerState
 
@@ -81,16 +83,20 @@ class ZmqDispatcher:
         return decode, prefill
 
     # ---- the Dispatcher interface -------------------------------------------------------
-    async def _place(self, request_id, prompt_token_ids, sampling):
-        """(decode, prefill | None, placement | None): the Placer's choice, else choose()."""
+    async def _place(self, request_id, prompt_token_ids, sampling, slo):
+        """(decode, prefill | None, placement | None): the Placer's choice (with SLO
+        admission: may wait, or raise DispatchError 429), else choose()."""
         if self.placer is None:
             return (*self.choose(), None)
-        p = await self.placer.place(request_id, prompt_token_ids, sampling.max_tokens)
+        slo = slo or SloTargets()
+        p = await self.placer.place(request_id, prompt_token_ids, sampling.max_tokens,
+                                    ttft_slo_s=slo.ttft_s, tpot_slo_s=slo.tpot_s)
         workers = self.registry.workers
         return workers[p.decode_id], workers[p.prefill_id] if p.prefill_id else None, p
 
-    async def generate(self, request_id, prompt_token_ids, sampling, deadline):
-        decode, prefill, placed = await self._place(request_id, prompt_token_ids, sampling)
+    async def generate(self, request_id, prompt_token_ids, sampling, deadline, slo=None):
+        decode, prefill, placed = await self._place(request_id, prompt_token_ids, sampling,
+                                                    slo)
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
         self._placement[request_id] = (decode, prefill)
@@ -150,19 +156,30 @@ class ZmqDispatcher:
         return True, ""
 
     def status(self) -> dict:
-        return {"model": self.model_name, "mode": self.mode,
-                "workers": self.registry.status(), "routing": dict(self.decisions),
-                "requests": {"live": self.states.live(), "ended": dict(self.states.counts),
-                             "reroutes": self.reroutes}}
+        out = {"model": self.model_name, "mode": self.mode,
+               "workers": self.registry.status(), "routing": dict(self.decisions),
+               "requests": {"live": self.states.live(), "ended": dict(self.states.counts),
+                            "reroutes": self.reroutes}}
+        if self.placer is not None:
+            out["slo"] = self.placer.slo.as_dict()
+        return out
 
     def metrics_text(self) -> str:
         lines = ["# TYPE pdserve_routing_decisions_total counter"]
         for kind, n in self.decisions.items():
             lines.append(f'pdserve_routing_decisions_total{{kind="{kind}"}} {n}')
+        rows = self.registry.status()
         lines.append("# TYPE pdserve_worker_free_blocks gauge")
-        for row in self.registry.status():
+        for row in rows:
             lines.append(f'pdserve_worker_free_blocks{{worker="{row["name"]}"}} '
                          f'{row["free_blocks"]}')
+        for name, help_ in (("prefill_tokens", "Prompt tokens the worker computed"),
+                            ("prefix_cached_tokens", "Prompt tokens found in its prefix cache"),
+                            ("prefill_requests", "Prompts whose computation started there")):
+            lines += [f"# HELP pdserve_worker_{name}_total {help_}",
+                      f"# TYPE pdserve_worker_{name}_total counter"]
+            lines += [f'pdserve_worker_{name}_total{{worker="{row["name"]}"}} {row[name]}'
+                      for row in rows]
         if self.placer is not None:
             lines.extend(self.placer.metrics_lines())
         return "\n".join(lines) + "\n"
@@ -214,6 +231,10 @@ class ZmqDispatcher:
                             request_id=rid, token_ids=[], text="", finished=True,
                             finish_reason="abort",
                             error=f"decode worker {decode.worker_id} stopped responding"))
+                        # queued for it: a worker that comes back drops the request
+                        with contextlib.suppress(zmq.Again):
+                            self._send_nowait(decode.request_address,
+                                              m.Abort(self.token, rid))
                 elif (prefill is not None and now - prefill.last_report_at > timeout
                       and self.states.get(rid) == RequestState.TRANSFERRING):
                     self.states.set(rid, RequestState.PREFILLING)

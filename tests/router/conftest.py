@@ -27,6 +27,7 @@ from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.messages import SamplingSpec, TokenDelta
 from pdserve.engine.outputs import StepDelta
 from pdserve.engine.sampling_params import SamplingParams
+from pdserve.router.admission import SloTargets
 from pdserve.router.api import create_app
 
 MODEL = "smollm2-135m"
@@ -55,6 +56,7 @@ class EngineDispatcher:
         self.max_model_len = engine.max_model_len
         self.tokenizer = engine.tokenizer
         self.aborted_ids: list[str] = []
+        self.slo_by_id: dict[str, SloTargets | None] = {}  # what generate was given
         self.lock = threading.Lock()  # held while anything touches the engine
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -99,8 +101,9 @@ class EngineDispatcher:
 
     # ---- the Dispatcher protocol -----------------------------------------------------
     async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       sampling: SamplingSpec, deadline: float | None
-                       ) -> AsyncIterator[TokenDelta]:
+                       sampling: SamplingSpec, deadline: float | None,
+                       slo: SloTargets | None = None) -> AsyncIterator[TokenDelta]:
+        self.slo_by_id[request_id] = slo
         q: asyncio.Queue = asyncio.Queue()
         self._sinks[request_id] = (asyncio.get_running_loop(), q)
         self._commands.put(("add", request_id, list(prompt_token_ids), sampling.to_params()))
