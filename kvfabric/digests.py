@@ -91,27 +91,10 @@ def cache_block_digests(algo: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
     """Digests of blocks ``block_ids`` (``[n]`` int64, on the cache's device) of one
     layer's ``[NB, B, Hkv, D]`` caches, K blocks then V: what packing them would digest. Pure.
     """
-    return block_digests(algo, _cache_rows(k_cache, v_cache, block_ids))
-
-
-def _cache_rows(k_cache: torch.Tensor, v_cache: torch.Tensor,
-                block_ids: torch.Tensor) -> torch.Tensor:
-    """The bytes of blocks ``block_ids`` of K, then of V: ``[2n, bytes_per_block]``. Pure."""
     num_blocks = k_cache.shape[0]
-    return torch.cat([as_block_rows(k_cache, num_blocks).index_select(0, block_ids),
+    rows = torch.cat([as_block_rows(k_cache, num_blocks).index_select(0, block_ids),
                       as_block_rows(v_cache, num_blocks).index_select(0, block_ids)])
-
-
-def layers_block_digests(algo: int, kv_layers: list[tuple[torch.Tensor, torch.Tensor]],
-                         block_ids: torch.Tensor) -> list[BlockDigests]:
-    """``cache_block_digests`` of blocks ``block_ids`` in each of ``kv_layers``, with one
-    host sync for all of them (not one per layer). Pure."""
-    if algo != ALGO_WSUM:
-        return [cache_block_digests(algo, k, v, block_ids) for k, v in kv_layers]
-    sums = [_wsum_tensor(_cache_rows(k, v, block_ids)) for k, v in kv_layers]
-    if not sums or block_ids.numel() == 0:
-        return []
-    return [BlockDigests(algo, tuple(row)) for row in torch.stack(sums).tolist()]
+    return block_digests(algo, rows)  # [2n, bytes_per_block]
 
 
 def _crc32_rows(blocks: torch.Tensor) -> tuple[int, ...]:
@@ -121,15 +104,9 @@ def _crc32_rows(blocks: torch.Tensor) -> tuple[int, ...]:
 
 
 def _wsum_rows(blocks: torch.Tensor) -> tuple[int, ...]:
-    if blocks.shape[0] == 0:
-        return ()
-    return tuple(_wsum_tensor(blocks).tolist())
-
-
-def _wsum_tensor(blocks: torch.Tensor) -> torch.Tensor:
-    """ALGO_WSUM of each row of a non-empty ``[m, width]`` uint8 tensor: ``[m]`` int64 on
-    its device (no host sync). Pure."""
     m, width = blocks.shape
+    if m == 0:
+        return ()
     words = blocks.contiguous()
     words = words.view(torch.int32) if width % 4 == 0 else words  # [m, W]
     x = words.to(torch.int64)
@@ -143,7 +120,8 @@ def _wsum_tensor(blocks: torch.Tensor) -> torch.Tensor:
     c = torch.arange(1, num_chunks + 1, dtype=torch.int64, device=x.device)
     cw = (c * 0x85EBCA6B) % _P + 1  # [num_chunks]
     inner = torch.remainder((x.view(m, num_chunks, chunk) * w).sum(-1), _P)  # [m, num_chunks]
-    return torch.remainder(torch.remainder(inner * cw, _P).sum(-1), _P)  # [m]
+    outer = torch.remainder(torch.remainder(inner * cw, _P).sum(-1), _P)  # [m]
+    return tuple(outer.tolist())
 
 
 # -- aux sections and their seal --

@@ -23,13 +23,12 @@ import torch
 from pdserve.kvfabric.descriptors import FabricIdentity, TransferPlan
 from pdserve.kvfabric.digests import (
     ALGO_NAMES,
-    BlockDigests,
     DigestError,
     as_block_rows,
     block_digests,
+    cache_block_digests,
     check_finish_mac,
     decode_layer_aux,
-    layers_block_digests,
     mac_key,
 )
 from pdserve.kvfabric.frames import (
@@ -107,7 +106,7 @@ class KVReceiver:
         self._max_layer_bytes = 2 * self.num_blocks * identity.bytes_per_block
         self._conns: dict[_Conn, None] = {}
         self._conns_lock = threading.Lock()
-        self._table = TransferTable(identity, self._live_conns, self._verify_landed)
+        self._table = TransferTable(identity, self._live_conns)
         self._closing = threading.Event()
         self._listener = socket.create_server((host, port))
         self._listener.settimeout(0.2)
@@ -216,8 +215,7 @@ class KVReceiver:
             run_actions(self._table.expire(time.monotonic()))
 
     def _on_notification(self, agent: str, msg: bytes) -> None:
-        """A one-sided layer landed: check its seal now and count it; its block digests
-        are checked with the others' when the transfer is otherwise complete."""
+        """A one-sided layer landed: check its digests on the dst blocks, then count it."""
         try:
             h, aux = parse_notification(msg)
         except ProtocolError as e:
@@ -232,36 +230,10 @@ class KVReceiver:
         run_actions(actions)
         if t is None:
             return
-        sent, error = self._sent_digests(h, aux, t.plan)
-        run_actions(self._table.layer_arrived(conn, h, None, error, deferred=sent))
-
-    def _verify_landed(self, t) -> str | None:
-        """Why transfer ``t``'s landed one-sided layers differ from their sealed digests,
-        or None: every layer digested in one pass, one host sync. Reads the dst blocks."""
-        layers = sorted(t.unverified)
-        by_algo: dict[int, list[int]] = {}
-        for layer in layers:
-            by_algo.setdefault(t.unverified[layer].algo, []).append(layer)
-        for algo, group in by_algo.items():
-            got = layers_block_digests(algo, [self._kv_layers[i] for i in group], t.dst_index)
-            for layer, landed in zip(group, got, strict=True):
-                error = _mismatch(layer, t.plan, t.unverified[layer], landed)
-                if error is not None:
-                    return error
-        return None
-
-    def _sent_digests(self, h: FrameHeader, aux: bytes,
-                      plan: TransferPlan) -> tuple[BlockDigests | None, str | None]:
-        """(the digests sealed in layer frame ``h``'s aux, None) or (None, why they
-        cannot be used: a broken seal or a wrong count). Pure."""
-        try:
-            sent = decode_layer_aux(self._mac_key, encode_raw_header(h), aux)
-        except DigestError as e:
-            return None, f"layer {h.layer}: {e}"
-        if len(sent.values) != 2 * plan.num_blocks:
-            return None, (f"layer {h.layer}: {len(sent.values)} block digests, expected "
-                          f"{2 * plan.num_blocks}")
-        return sent, None
+        k_cache, v_cache = self._kv_layers[h.layer]
+        error = self._digest_error(h, aux, t.plan, lambda algo: cache_block_digests(
+            algo, k_cache, v_cache, t.dst_index))
+        run_actions(self._table.layer_arrived(conn, h, None, error))
 
     def _digest_error(self, h: FrameHeader, aux: bytes, plan: TransferPlan,
                       digest_of) -> str | None:
@@ -269,10 +241,19 @@ class KVReceiver:
 
         ``digest_of(algo)``: the digests of the bytes about to be used (K blocks, then V).
         """
-        sent, error = self._sent_digests(h, aux, plan)
-        if error is not None:
-            return error
-        return _mismatch(h.layer, plan, sent, digest_of(sent.algo))
+        try:
+            sent = decode_layer_aux(self._mac_key, encode_raw_header(h), aux)
+        except DigestError as e:
+            return f"layer {h.layer}: {e}"
+        n = plan.num_blocks
+        if len(sent.values) != 2 * n:
+            return f"layer {h.layer}: {len(sent.values)} block digests, expected {2 * n}"
+        bad = sent.first_mismatch(digest_of(sent.algo))
+        if bad is None:
+            return None
+        half = "K" if bad < n else "V"
+        return (f"digest mismatch in layer {h.layer}, block {bad} ({half} of dst block "
+                f"{plan.dst_block_ids[bad % n]}, {ALGO_NAMES[sent.algo]})")
 
     def _serve(self, conn: _Conn) -> None:
         try:
@@ -381,19 +362,6 @@ class KVReceiver:
         k_cache, v_cache = self._kv_layers[h.layer]
         write = lambda t: conn.staging.unpack(raw, k_cache, v_cache, t.dst_index)
         run_actions(self._table.layer_arrived(conn, h, write, error, wire_s))
-
-
-def _mismatch(layer: int, plan: TransferPlan, sent: BlockDigests,
-              landed: BlockDigests) -> str | None:
-    """The error naming the first block whose landed digest differs from the sent one,
-    or None. Pure."""
-    bad = sent.first_mismatch(landed)
-    if bad is None:
-        return None
-    n = plan.num_blocks
-    half = "K" if bad < n else "V"
-    return (f"digest mismatch in layer {layer}, block {bad} ({half} of dst block "
-            f"{plan.dst_block_ids[bad % n]}, {ALGO_NAMES[sent.algo]})")
 
 
 def _send_welcome(conn: _Conn, welcome: Welcome) -> None:

@@ -9,12 +9,8 @@
 A layer counts only once its block digests matched (``layer_arrived`` takes
 the outcome of that check and fails the transfer on a mismatch), and a
 FINISH only once its seal matched, so a transfer completes only when every
-layer's bytes were verified. One-sided (nixl) layers land with sealed
-digests that are checked all together when the rest is complete (one pass
-over the landed blocks instead of a GPU sync per layer while prefill runs);
-a mismatch then fails the transfer instead of completing it. A frame for a
-transfer that is not expected (completed, failed, an old attempt, never
-expected) is dropped and counted.
+layer's bytes were verified. A frame for a transfer that is not expected
+(completed, failed, an old attempt, never expected) is dropped and counted.
 
 DRAINING exists for one-sided (nixl) peers only: their writes land without
 us, so we wait until each such peer confirmed (CANCEL_ACK) that nothing of
@@ -35,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pdserve.kvfabric.descriptors import FabricIdentity, TransferPlan
-from pdserve.kvfabric.digests import BlockDigests, layer_aux_size
+from pdserve.kvfabric.digests import layer_aux_size
 from pdserve.kvfabric.frames import FrameHeader, dst_digest
 
 log = logging.getLogger(__name__)
@@ -63,8 +59,6 @@ class Pending:
     on_timing: Callable[[TransferPlan, int, float], None] | None = None
     nbytes: int = 0  # KV payload landed so far
     wire_s: float = 0.0  # time its layer frames took to read (0 where not measured)
-    # one-sided layers that landed with sealed digests, checked together at completion
-    unverified: dict[int, BlockDigests] = field(default_factory=dict)
 
 
 def check_frame(t: Pending, h: FrameHeader, is_layer: bool) -> str | None:
@@ -92,12 +86,8 @@ def check_frame(t: Pending, h: FrameHeader, is_layer: bool) -> str | None:
 class TransferTable:
     """Expected transfers by id, with byte counters. Thread-safe."""
 
-    def __init__(self, identity: FabricIdentity, live_peers: Callable[[], list],
-                 verify: Callable[[Pending], str | None] | None = None) -> None:
+    def __init__(self, identity: FabricIdentity, live_peers: Callable[[], list]) -> None:
         self.identity = identity
-        # checks a complete transfer's ``unverified`` layers against the landed bytes
-        # (None: every match); runs outside the lock, before the transfer's callback
-        self._verify = verify
         self._live_peers = live_peers  # connections; ``.one_sided`` ones write on their own
         self._lock = threading.Lock()
         self._pending: dict[str, Pending] = {}
@@ -142,15 +132,12 @@ class TransferTable:
             return (t, []) if reason is None else (None, self._fail(t, reason, drain=True))
 
     def layer_arrived(self, conn, h: FrameHeader, write: Callable[[Pending], None] | None,
-                      digest_error: str | None, wire_s: float = 0.0,
-                      deferred: BlockDigests | None = None) -> list[Action]:
+                      digest_error: str | None, wire_s: float = 0.0) -> list[Action]:
         """A layer landed (nixl) or is staged (tcp: ``write`` scatters it, under the lock).
 
         ``digest_error``: the outcome of checking the layer's block digests
         (None: all matched). A mismatch fails the transfer and writes nothing.
         ``wire_s``: how long the layer took to read off the wire (0: not measured).
-        ``deferred``: the sealed digests of a landed one-sided layer not checked yet;
-        the table's ``verify`` checks them all once the transfer is otherwise complete.
         """
         with self._lock:
             t, actions = self._admit(conn, h, True, digest_error)
@@ -158,8 +145,6 @@ class TransferTable:
                 return actions
             if write is not None:
                 write(t)
-            if deferred is not None:
-                t.unverified[h.layer] = deferred
             t.layers_seen[h.layer] = True
             t.num_layers_seen += 1
             self.bytes_received += h.nbytes
@@ -258,20 +243,7 @@ class TransferTable:
         payload = t.payload
         timing = [] if t.on_timing is None else [
             lambda: t.on_timing(t.plan, t.nbytes, t.wire_s)]
-        done = timing + [lambda: t.on_complete(t.plan, payload)]
-        if not t.unverified or self._verify is None:
-            return done
-        return [lambda: self._complete_verified(t, done)]
-
-    def _complete_verified(self, t: Pending, done: list[Action]) -> None:
-        """Outside the lock: check the deferred layers, then complete or fail ``t``.
-        Every write of it has landed (each layer notified), so nothing needs draining."""
-        error = self._verify(t)
-        if error is not None:
-            t.failed = error
-            t.on_error(t.plan, error)
-            return
-        run_actions(done)
+        return timing + [lambda: t.on_complete(t.plan, payload)]
 
 
 def run_actions(actions: list[Action]) -> None:
