@@ -16,15 +16,16 @@ A background thread reads the connection: CANCEL frames (the receiver no
 longer expects a transfer: later calls for it raise FabricTransferCancelled,
 and for nixl the in-flight writes are waited for, then CANCEL_ACK is sent)
 and the connection's end (later calls raise FabricPeerError).
-``send_timeout_s`` bounds how long one send may wait for the receiver to take
-bytes (a stopped or cut-off peer): past it the connection is shut (the receiver
-sees the frame truncated) and calls raise FabricPeerError.
+``send_timeout_s`` bounds how long one frame may take to leave (a stopped or
+cut-off receiver stops taking bytes): past it the connection is shut (the
+receiver sees the frame truncated) and calls raise FabricPeerError.
 Keep one KVSender per decode peer; it is safe to call from one thread at a time.
 """
 
+import select
 import socket
-import struct
 import threading
+import time
 
 import torch
 
@@ -94,10 +95,6 @@ class KVSender:
             self._path.close()
             raise
         self._sock.settimeout(None)
-        if send_timeout_s is not None:  # a blocked send fails with EAGAIN after this long
-            sec = int(send_timeout_s)
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack(
-                "ll", sec, int((send_timeout_s - sec) * 1e6)))
         self._reader = threading.Thread(target=self._read_loop, daemon=True,
                                         name=f"kvsend-{address}")
         self._reader.start()
@@ -235,18 +232,39 @@ class KVSender:
     def _send_frame(self, header: bytes, payload: memoryview | None) -> None:
         try:
             with self._send_lock:
-                self._sock.sendall(header)
-                if payload is not None and len(payload):
-                    self._sock.sendall(payload)
+                if self._send_timeout_s is None:
+                    self._sock.sendall(header)
+                    if payload is not None and len(payload):
+                        self._sock.sendall(payload)
+                else:
+                    deadline = time.monotonic() + self._send_timeout_s
+                    self._send_by(header, deadline)
+                    if payload is not None and len(payload):
+                        self._send_by(payload, deadline)
         except OSError as e:
-            if isinstance(e, BlockingIOError):  # SO_SNDTIMEO: the receiver took nothing
-                e = TimeoutError(f"no progress for {self._send_timeout_s:g} s")
             self._dead = self._dead or f"connection failed ({e})"
             try:  # a frame may be half sent: end the stream so the receiver sees it cut
                 self._sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
             raise FabricPeerError(f"KV receiver {self.address}: {self._dead}") from e
+
+    def _send_by(self, data, deadline: float) -> None:
+        """Send all of ``data`` before ``deadline`` (monotonic) or raise TimeoutError.
+        Non-blocking sends on the blocking socket, so the reader thread is unaffected."""
+        view = memoryview(data).cast("B")
+        poller = select.poll()
+        poller.register(self._sock, select.POLLOUT)
+        while view:
+            try:
+                view = view[self._sock.send(view, socket.MSG_DONTWAIT):]
+                continue
+            except BlockingIOError:
+                pass
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"a frame did not leave within {self._send_timeout_s:g} s")
+            poller.poll(left * 1000)
 
     def _read_loop(self) -> None:
         try:

@@ -24,6 +24,7 @@ from pdserve.engine.worker_runtime import WorkerRuntime, WorkerSpec
 from pdserve.kvfabric import (
     FabricError,
     FabricIdentity,
+    FabricPeerError,
     KVConnectorScheduler,
     KVSender,
     TransferPlan,
@@ -31,6 +32,7 @@ from pdserve.kvfabric import (
 from pdserve.prefill.layer_push import LayerPusher
 
 log = logging.getLogger("pdserve.prefill")
+RECONNECT_BACKOFF_S = 2.0
 
 
 class PrefillWorker(WorkerRuntime):
@@ -46,22 +48,39 @@ class PrefillWorker(WorkerRuntime):
         self.broken: dict[str, str] = {}  # request id -> why its push failed this step
         self.pusher = LayerPusher(e.device)
         self.leases = LeaseTable(spec.kv_lease_s)  # jobs' holds, renewed by their peers
+        self.dead_until: dict[str, float] = {}  # kv address -> no reconnect before (monotonic)
 
     def kv_bytes(self) -> tuple[int, int]:
         return sum(s.bytes_sent for s in self.senders.values()), 0
 
     def _sender(self, address: str) -> KVSender:
+        """The live sender to ``address``, connecting if needed. Raises FabricError; a peer
+        that just failed to connect is not retried for ``RECONNECT_BACKOFF_S`` (one step
+        with many jobs for a stopped peer must not wait out a handshake per job)."""
         sender = self.senders.get(address)
-        if sender is None or not sender.is_alive:
-            if sender is not None:
-                sender.close()
-            extra = self.spec.engine.extra
+        if sender is not None and sender.is_alive:
+            return sender
+        if sender is not None:
+            sender.close()
+            del self.senders[address]
+        now = time.monotonic()
+        if self.dead_until.get(address, 0.0) > now:
+            raise FabricPeerError(f"KV receiver {address} is unreachable (retried after "
+                                  f"{RECONNECT_BACKOFF_S:g} s)")
+        extra = self.spec.engine.extra
+        lease_s = self.spec.kv_lease_s
+        try:
             sender = KVSender(address, self.spec.token, self.identity,
                               transport=self.spec.transport,
+                              connect_timeout_s=min(5.0, lease_s),
                               fault_rate=extra.get("kv_fault_rate"),
                               fault_seed=extra.get("kv_fault_seed"),
-                              send_timeout_s=self.spec.kv_lease_s)
-            self.senders[address] = sender
+                              send_timeout_s=lease_s)
+        except FabricError:
+            self.dead_until[address] = now + RECONNECT_BACKOFF_S
+            raise
+        self.dead_until.pop(address, None)
+        self.senders[address] = sender
         return sender
 
     def handle(self, msg) -> None:
@@ -78,7 +97,10 @@ class PrefillWorker(WorkerRuntime):
             if msg.deadline is not None:
                 self.deadlines[msg.request_id] = msg.deadline
         elif isinstance(msg, m.LeaseRenew):
-            self.leases.renew(msg.decode_worker, msg.request_ids, time.monotonic())
+            renewed = self.leases.renew(msg.decode_worker, msg.request_ids, time.monotonic())
+            if renewed < len(msg.request_ids):  # lapsed or already finished here
+                log.debug("ignored %d late lease renewal(s) from %s",
+                         len(msg.request_ids) - renewed, msg.decode_worker)
         elif isinstance(msg, m.Abort):
             self.abort(msg.request_id, "aborted by the decode side")
         elif isinstance(msg, m.Stall) and self.spec.engine.extra.get("fault_injection"):
@@ -93,6 +115,8 @@ class PrefillWorker(WorkerRuntime):
         plan = self.plans.pop(job.request_id, None)
         try:
             sender = self.senders.get(job.kv_address)
+            if sender is not None and plan is not None:
+                self._note_fault(sender, plan)
             if sender is not None:
                 if plan is None:
                     plan = self._plan_without_src(job)
@@ -100,6 +124,15 @@ class PrefillWorker(WorkerRuntime):
         except FabricError:
             pass  # the decode side's own time-out will fail the transfer
         log.warning("prefill of %s failed: %s", job.request_id, error)
+
+    def _note_fault(self, sender: KVSender, plan: TransferPlan) -> None:
+        """Log a transfer the fault knob corrupted (tests match it to the decode side's
+        detection). Only when the knob is on."""
+        if self.spec.engine.extra.get("kv_fault_rate"):
+            corrupted = sender.faults_injected.get(plan.transfer_id)
+            if corrupted is not None:
+                log.warning("fault injection corrupted the KV of %s (layer %d, block %d)",
+                            plan.request_id, *corrupted)
 
     def _plan_without_src(self, job: m.PrefillRequest) -> TransferPlan:
         n = len(job.dst_block_ids)
@@ -159,11 +192,8 @@ class PrefillWorker(WorkerRuntime):
                                      req.num_cached_tokens)
                 try:
                     sender = self._sender(job.kv_address)
+                    self._note_fault(sender, plan)
                     sender.finish(plan, m.encode(done))
-                    corrupted = sender.faults_injected.get(plan.transfer_id)
-                    if corrupted is not None:
-                        log.warning("fault injection corrupted the KV of %s (layer %d, "
-                                    "block %d)", rid, *corrupted)
                 except FabricError as exc:
                     log.warning("finish of %s failed: %s", rid, exc)
             e.release_prefill(req)
@@ -172,8 +202,11 @@ class PrefillWorker(WorkerRuntime):
     def housekeeping(self) -> None:
         """Abort the jobs whose decode peer stopped renewing their lease (blocks freed)."""
         for rid, lease in self.leases.lapsed(time.monotonic()):
-            self.abort(rid, f"lease lapsed: decode worker {lease.peer} did not renew it "
-                            f"within {self.leases.lease_s:g} s")
+            self.abort(rid, self._lapse_reason(lease.peer))
+
+    def _lapse_reason(self, peer: str) -> str:
+        return f"lease lapsed: decode worker {peer} did not renew it within " \
+               f"{self.leases.lease_s:g} s"
 
     def abort(self, request_id: str, reason: str) -> None:
         self.deadlines.pop(request_id, None)

@@ -25,6 +25,7 @@ class Served:
     port: int
     proc: subprocess.Popen
     lines: list[str] = field(default_factory=list)
+    stamps: list[float] = field(default_factory=list)  # time.monotonic() of each line
 
     def status(self) -> dict:
         out = subprocess.run([sys.executable, "-m", "pdserve.router.cli", "status", "--json",
@@ -75,6 +76,7 @@ def start_serve(config_path: str, port: int, timeout_s: float = 240.0) -> Served
 
     def pump():
         for line in iter(proc.stdout.readline, ""):
+            served.stamps.append(time.monotonic())
             served.lines.append(line)
 
     threading.Thread(target=pump, daemon=True).start()
@@ -102,3 +104,29 @@ def reference_llm():
     from pdserve import LLM
 
     return LLM("smollm2-135m", num_blocks=256)
+
+
+@pytest.fixture(scope="session")
+def expected(reference_llm):
+    """Greedy texts of single-process decoding for the fault rows' prompts (faults.py)."""
+    from pdserve import SamplingParams
+    from tests.e2e.faults import MAX_TOKENS, NUM_PROMPTS, prompt
+
+    outs = reference_llm.chat([prompt(i) for i in range(NUM_PROMPTS)],
+                              SamplingParams(temperature=0, max_tokens=MAX_TOKENS),
+                              use_tqdm=False)
+    return {i: o.text for i, o in enumerate(outs)}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """On a failure, attach the last lines of a ``cluster`` fixture's output (router and
+    ``[worker]`` lines) to the report."""
+    outcome = yield
+    report = outcome.get_result()
+    served = getattr(item, "funcargs", {}).get("cluster")
+    if report.failed and hasattr(served, "stamps"):
+        t0 = served.stamps[0] if served.stamps else 0.0
+        tail = zip(served.stamps[-150:], served.lines[-150:], strict=False)
+        report.sections.append(("pdserve output (last 150 lines, seconds since start)",
+                                "".join(f"{t - t0:8.2f} {line}" for t, line in tail)))

@@ -9,122 +9,34 @@ row did not kill, and every request that succeeded gave exactly the greedy token
 import asyncio
 import json
 import os
-import shutil
 import signal
-import tempfile
 import time
-from pathlib import Path
 
 import httpx
 import pytest
-import yaml
-import zmq
 
-from pdserve import SamplingParams
-from pdserve.engine import messages as m
-from tests.e2e.conftest import free_port, start_serve, stop_serve
-
-TOKEN = "fault-matrix-token"
-TIMEOUT_S = 90.0
-
-
-THINGS = ["fruit", "city", "colour", "planet"]
-
-
-def prompt(i: int) -> list[dict]:
-    return [{"role": "user", "content": f"Question {i}: name a {THINGS[i % 4]}."}]
+from tests.e2e.faults import (
+    TIMEOUT_S,
+    ask,
+    assert_exact_or_error,
+    check_invariants,
+    fault_config,
+    prompt,
+    run_load,
+    send_stall,
+    start_cluster,
+    stop_cluster,
+    workers,
+)
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    tmp = Path(tempfile.mkdtemp())
-    cfg = {"model": "smollm2-135m", "mode": "disaggregated", "transport": "tcp",
-           "cluster_token": TOKEN, "fault_injection": True,
-           "router": {"request_timeout_s": TIMEOUT_S, "heartbeat_timeout_s": 3.0,
-                      "loop_stall_s": 5.0},
-           "engine": {"device": "cpu", "num_blocks": 256, "max_num_batched_tokens": 256},
-           "workers": [{"name": "prefill0", "role": "prefill"},
-                       {"name": "decode0", "role": "decode"},
-                       {"name": "decode1", "role": "decode"}]}
-    path = tmp / "faults.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    s = start_serve(str(path), free_port())
+    s = start_cluster(fault_config([{"name": "prefill0", "role": "prefill"},
+                                    {"name": "decode0", "role": "decode"},
+                                    {"name": "decode1", "role": "decode"}]))
     yield s
-    stop_serve(s)
-    shutil.rmtree(tmp)
-
-
-@pytest.fixture(scope="module")
-def expected(reference_llm):
-    """Greedy tokens of single-process decoding for the prompts the rows use."""
-    outs = reference_llm.chat([prompt(i) for i in range(8)],
-                              SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)
-    return {i: o.text for i, o in enumerate(outs)}
-
-
-def workers(cluster) -> dict:
-    return {w["name"]: w for w in cluster.status()["workers"]}
-
-
-def check_invariants(cluster, alive: set[str]) -> None:
-    cluster.wait_quiet(timeout_s=40)
-    deadline = time.monotonic() + 30  # a worker back from a stall waits out its back-off
-    while True:
-        by = workers(cluster)
-        if all(by[n]["healthy"] for n in alive) or time.monotonic() > deadline:
-            break
-        time.sleep(0.3)
-    for name in alive:
-        w = by[name]
-        assert w["healthy"], f"{name} should be alive: {w}"
-        assert w["free_blocks"] == w["total_blocks"], f"{name} leaked blocks: {w}"
-        assert w["running"] == 0 and w["waiting"] == 0 and w["pending_transfers"] == 0, w
-        os.kill(w["pid"], 0)  # still running
-
-
-async def ask(client, i: int, max_tokens: int = 16, **extra):
-    t0 = time.monotonic()
-    r = await client.post("/v1/chat/completions", json={
-        "model": "smollm2-135m", "temperature": 0, "max_tokens": max_tokens,
-        "messages": prompt(i), **extra})
-    return i, r, time.monotonic() - t0
-
-
-def run_load(cluster, ids, **extra):
-    wait_ready(cluster)  # as a client would after a 503 with Retry-After
-    async def go():
-        async with httpx.AsyncClient(base_url=cluster.url, timeout=TIMEOUT_S + 30) as c:
-            return await asyncio.gather(*(ask(c, i, **extra) for i in ids))
-
-    return asyncio.run(go())
-
-
-def assert_exact_or_error(results, expected):
-    ok = 0
-    for i, r, elapsed in results:
-        assert elapsed < TIMEOUT_S + 10  # nothing outlived its deadline
-        if r.status_code == 200:
-            assert r.json()["choices"][0]["message"]["content"] == expected[i]
-            ok += 1
-        else:
-            assert r.status_code >= 500 and "error" in r.json(), r.text
-    return ok
-
-
-def wait_ready(cluster, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while httpx.get(cluster.url + "/health").status_code != 200:
-        assert time.monotonic() < deadline, "the cluster did not become ready"
-        time.sleep(0.2)
-
-
-def send_stall(address: str, seconds: float) -> None:
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.PUSH)
-    sock.setsockopt(zmq.LINGER, 1000)
-    sock.connect(address)
-    sock.send(m.encode(m.Stall(TOKEN, seconds)))
-    sock.close()
+    stop_cluster(s)
 
 
 def test_row12_stalled_engine_loop_flips_readiness(cluster, expected):

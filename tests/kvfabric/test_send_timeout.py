@@ -47,13 +47,13 @@ def test_stopped_receiver_fails_the_send_within_the_timeout_then_its_transfers()
         sent: list[str] = []
         try:
             t0 = time.monotonic()
-            with pytest.raises(FabricPeerError, match=r"connection failed \(no progress for "
-                                                      r"0\.5 s\)"):
+            with pytest.raises(FabricPeerError, match=r"connection failed \(a frame did not "
+                                                      r"leave within 0\.5 s\)"):
                 for p in plans:
                     for i in ALL_LAYERS:
                         sender.send_layer(p, i, *kv[i])
                     sent.append(p.transfer_id)
-            assert time.monotonic() - t0 < 10.0  # buffers fill, then one 0.5 s stall
+            assert time.monotonic() - t0 < 5.0  # buffers fill, then one 0.5 s stall
             assert not sender.is_alive
             with pytest.raises(FabricPeerError):  # later calls fail at once
                 sender.send_layer(plans[-1], 0, *kv[0])
