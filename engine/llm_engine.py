@@ -180,6 +180,10 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished
 
+    def has_work(self) -> bool:
+        """Whether ``step`` has anything to run (see ``Scheduler.has_work``)."""
+        return self.scheduler.has_work
+
     def step(self, layer_hook: LayerHook | None = None) -> list[StepDelta]:
         """Schedule and run one model step. Returns one delta per request that produced
         a token or finished. Mutates everything the scheduler and runner own."""

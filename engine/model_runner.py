@@ -3,8 +3,8 @@
 Owns the model, the KV cache tensors and (on CUDA) the decode graphs; knows
 nothing of queues. The batch is packed decodes first (``AttentionMetadata``'s
 layout). A step of decodes only runs a captured CUDA graph when one is
-there (``cuda_graphs=True`` on CUDA, batch within the largest bucket, no
-layer hook); everything else runs eagerly.
+there (``cuda_graphs=True`` on CUDA, batch within the largest bucket; a
+layer hook is not called on such a step); everything else runs eagerly.
 
 Per step the host work is building index arrays: one entry per decode, a
 numpy range per prefill. Each request's block ids are kept as an int32 array
@@ -200,8 +200,11 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput,
                 layer_hook: LayerHook | None = None) -> tuple[ModelInputs, SampleResult]:
         """Run one step: writes K/V of every scheduled token into the cache (mutates it)
-        and samples for the requests whose last scheduled token ends their sequence."""
-        inputs = self.prepare(out, use_graphs=layer_hook is None)
+        and samples for the requests whose last scheduled token ends their sequence.
+        ``layer_hook`` runs after each layer of an eager step; a step that replays a
+        captured decode graph runs whole and does not call it (hooks exist for prefill
+        work, such as pushing a layer's KV, and for progress inside long steps)."""
+        inputs = self.prepare(out)
         if inputs.graph_batch is not None:
             n = inputs.meta.num_decode_tokens
             logits = self.graphs.replay(inputs.graph_batch, n)

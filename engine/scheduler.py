@@ -196,6 +196,12 @@ class Scheduler:
         return bool(self.requests)
 
     @property
+    def has_work(self) -> bool:
+        """Requests a step could run (running or waiting); requests held for a KV
+        transfer are unfinished but not work until the transfer completes."""
+        return bool(self.running or self.waiting)
+
+    @property
     def num_running(self) -> int:
         return len(self.running)
 

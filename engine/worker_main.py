@@ -19,11 +19,17 @@ def spec_from_json(text: str) -> WorkerSpec:
     return WorkerSpec(**raw)
 
 
+GIL_SWITCH_INTERVAL_S = 0.001
+
+
 def run_worker(worker_cls, argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s",
                         stream=sys.stdout)
     spec = spec_from_json(argv[0])
+    # The loop thread shares the GIL with the fabric's threads (KV receiver, layer push,
+    # NIXL progress, heartbeat): a waiting thread gets it within 1 ms, not the default 5.
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     worker = worker_cls(spec)
 
     def _stop(signum, frame):

@@ -218,7 +218,9 @@ class WorkerRuntime:
         poller.register(self.inbox, zmq.POLLIN)
         while not self._stop.is_set():
             self.loop_time = time.monotonic()
-            busy = self.engine.has_unfinished() or not self.local.empty()
+            # poll without waiting only when a step has work: requests held for a KV
+            # transfer are not (a spinning loop would take a core from the peers)
+            busy = self.engine.has_work() or not self.local.empty()
             events = dict(poller.poll(0 if busy else 5))
             if self.inbox in events:
                 while True:
@@ -243,7 +245,7 @@ class WorkerRuntime:
                 fn()
             self._expire_deadlines()
             self.housekeeping()
-            if self.engine.has_unfinished():
+            if self.engine.has_work():
                 steps, t0 = self.engine.num_steps, time.perf_counter()
                 deltas = self.step()
                 if self.engine.num_steps != steps:

@@ -182,7 +182,7 @@ def _decode_kernel(
     # costs one memory round trip, not two (block id, then the KV it names).
     toks = start + offs_n  # [BLOCK_N]
     blk = tl.load(table + toks // KV_BLOCK, mask=toks < end, other=0).to(tl.int64)
-    for kv0 in range(start, end, BLOCK_N):
+    for _ in range(start, end, BLOCK_N):
         t_mask = toks < end
         kv_off = (blk * stride_kb + (toks % KV_BLOCK) * stride_kt + kv_head * stride_kh)[:, None] \
             + offs_d[None, :]  # [BLOCK_N, BLOCK_D]; V has K's strides

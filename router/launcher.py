@@ -52,12 +52,28 @@ def _relay(name: str, stream, out) -> None:
     stream.close()
 
 
+def cpu_threads_per_worker(cfg: ServeConfig, num_cpus: int) -> dict[str, int]:
+    """Threads for each CPU worker started on this machine: the cores shared evenly.
+
+    Several engines on one box each taking every core oversubscribe it (OpenMP
+    threads spin on cores the other engine needs: a 2-core box served a
+    disaggregated request 10x slower). Workers with a launch prefix (another
+    host) and GPU workers are left out. Pure.
+    """
+    local = [w.name for w in cfg.workers if not w.launch_prefix
+             and str(cfg.worker_engine(w).get("device", "cpu")).startswith("cpu")]
+    return {name: max(1, num_cpus // len(local)) for name in local}
+
+
 def start_workers(cfg: ServeConfig, control_address: str, out=None) -> list[WorkerProcess]:
     """Spawn every worker of the config. Mutates nothing else."""
     out = out or sys.stdout
     procs = []
+    threads = cpu_threads_per_worker(cfg, os.cpu_count() or 1)
     for w in cfg.workers:
         env = {**os.environ, **w.env, "PYTHONUNBUFFERED": "1"}
+        if threads.get(w.name) and "OMP_NUM_THREADS" not in {**os.environ, **w.env}:
+            env["OMP_NUM_THREADS"] = str(threads[w.name])
         proc = subprocess.Popen(
             [*w.launch_prefix, sys.executable, "-m", POOL_MODULE[w.role],
              worker_spec_json(cfg, w, control_address)],

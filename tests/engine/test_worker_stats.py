@@ -41,3 +41,18 @@ def test_kv_peer_totals_sum_per_peer_for_the_load_report():
     assert [(r.peer, r.num_transfers, r.bytes, r.seconds) for r in f["kv_received"]] == [
         ("tcp://127.0.0.1:7000", 1, 300, 0.25), ("tcp://127.0.0.1:7001", 2, 1024, 0.625)]
     assert f["kv_seconds"] == 0.875
+
+
+def test_requests_held_for_a_transfer_are_unfinished_but_not_work():
+    """A decode worker's loop waits (does not spin) while it only holds blocks for
+    KV transfers; a landed transfer is work again."""
+    engine = LLMEngine(EngineConfig(model="smollm2-135m", num_blocks=16))
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    req = engine.reserve_for_transfer("t", list(range(500, 540)), params)
+    assert req is not None and req.block_ids == [0, 1, 2]
+    assert (engine.has_unfinished(), engine.has_work()) == (True, False)
+    engine.complete_transfer("t", 7)
+    assert (engine.has_unfinished(), engine.has_work()) == (True, True)
+    engine.abort("t")
+    assert (engine.has_unfinished(), engine.has_work()) == (False, False)
+    assert engine.pool.num_free_blocks == 16
