@@ -451,6 +451,8 @@ def main() -> None:
     ap.add_argument("--skip-fabric", action="store_true")
     ap.add_argument("--tokenizer", type=Path)
     args = ap.parse_args()
+    from pdserve.engine.worker_main import GIL_SWITCH_INTERVAL_S
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # as the prefill and decode workers do
     if args.role == "decode":
         decode_main(args)
         return
