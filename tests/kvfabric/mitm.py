@@ -4,6 +4,9 @@ the test corrupt, cut, drop or replay them; the receiver's bytes pass unchanged.
     proxy = Mitm(receiver_address, tamper)   # tamper(header, frame_bytes) -> list | CUT
     sender connects to proxy.address
 
+Also used between a live cluster's prefill and decode workers (tests/e2e), where
+the decode worker advertises the proxy's address (``kv_advertise``).
+
 ``tamper`` returns the byte strings to forward in place of the frame (``[frame]``
 forwards it, ``[]`` drops it), or ``Cut(prefix)``: forward ``prefix``, then close
 both sides. Every frame seen is kept in ``frames`` as (header, bytes).
@@ -44,12 +47,16 @@ def read_frame(sock: socket.socket) -> tuple[FrameHeader, bytes]:
 
 
 class Mitm:
-    """Proxies one connection at a time from ``address`` to ``target`` ("host:port")."""
+    """Proxies every connection made to ``address`` to ``target`` ("host:port"), each on
+    its own upstream connection (a sender whose connection was cut reconnects).
+    ``keep_frames=False``: record headers only (long runs through a live cluster)."""
 
-    def __init__(self, target: str, tamper: Tamper) -> None:
+    def __init__(self, target: str, tamper: Tamper, keep_frames: bool = True) -> None:
         self.target = target
         self.tamper = tamper
+        self.keep_frames = keep_frames
         self.frames: list[tuple[FrameHeader, bytes]] = []
+        self.num_connections = 0
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
         self._socks: list[socket.socket] = []
@@ -61,21 +68,27 @@ class Mitm:
             _close(s)
 
     def _accept(self) -> None:
-        try:
-            down, _ = self._listener.accept()
-        except OSError:
-            return
-        host, port = self.target.rsplit(":", 1)
-        up = socket.create_connection((host, int(port)))
-        self._socks += [down, up]
-        threading.Thread(target=self._to_receiver, args=(down, up), daemon=True).start()
-        threading.Thread(target=self._to_sender, args=(up, down), daemon=True).start()
+        while True:
+            try:
+                down, _ = self._listener.accept()
+            except OSError:
+                return
+            host, port = self.target.rsplit(":", 1)
+            try:
+                up = socket.create_connection((host, int(port)))
+            except OSError:
+                _close(down)
+                continue
+            self.num_connections += 1
+            self._socks += [down, up]
+            threading.Thread(target=self._to_receiver, args=(down, up), daemon=True).start()
+            threading.Thread(target=self._to_sender, args=(up, down), daemon=True).start()
 
     def _to_receiver(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while True:
                 h, frame = read_frame(src)
-                self.frames.append((h, frame))
+                self.frames.append((h, frame if self.keep_frames else b""))
                 out = self.tamper(h, frame)
                 if isinstance(out, Cut):
                     dst.sendall(out.prefix)
