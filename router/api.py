@@ -35,6 +35,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pdserve.engine.messages import TokenDelta
 from pdserve.router.dispatcher import Dispatcher, DispatchError
 from pdserve.router.metrics import CLIENT_CLOSED, RequestTracker, RouterMetrics
+from pdserve.router.openapi import chat_operation, completion_operation
 from pdserve.router.protocol import (
     ApiError,
     GenerationRequest,
@@ -260,11 +261,12 @@ def create_app(dispatcher: Dispatcher, api_keys: list[str] | None = None,
         tracker.finish(200, num_prompt)
         return JSONResponse(body, headers=echo)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=chat_operation())
     async def chat_completions(request: Request) -> Response:
         return await generate(request, "chat")
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions",
+              openapi_extra=completion_operation(len(dispatcher.tokenizer)))
     async def completions(request: Request) -> Response:
         return await generate(request, "completion")
 

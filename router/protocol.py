@@ -68,7 +68,7 @@ def parse_json(raw: bytes) -> dict:
     """The body as a JSON object, or a 400 saying what is wrong with it."""
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except ValueError as e:  # bad UTF-8, bad JSON, or a number too long to convert
         raise bad(f"the request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise bad(f"the request body must be a JSON object, got {_type_name(body)}")
@@ -78,14 +78,21 @@ def parse_json(raw: bytes) -> dict:
 # ---- typed field access ---------------------------------------------------------------
 
 def _type_name(value: Any) -> str:
+    if type(value) is int and not _is_int64(value):
+        return "an integer outside the 64-bit range"
     return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
             list: "an array", dict: "an object", type(None): "null"}.get(type(value),
                                                                         type(value).__name__)
 
 
+def _is_int64(v: int) -> bool:
+    return -(2**63) <= v < 2**63
+
+
+# Integers must fit the request plane's 64-bit msgpack ints (and numbers a float).
 _KINDS = {
-    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool) and _is_int64(v),
+    "number": lambda v: isinstance(v, float) or _KINDS["integer"](v),
     "boolean": lambda v: isinstance(v, bool),
     "string": lambda v: isinstance(v, str),
     "object": lambda v: isinstance(v, dict),
