@@ -70,7 +70,10 @@ class BlockPool:
         return num_blocks <= len(self._free)
 
     def allocate(self, num_blocks: int) -> list[Block]:
-        """Take ``num_blocks`` free blocks (LRU first), evicting their cached hashes.
+        """Take ``num_blocks`` free blocks (LRU first), evicting their cached hashes; they
+        are returned in ascending id order (which blocks are taken is LRU's choice; the
+        order only makes a request's blocks contiguous where the free list allows, so
+        the KV fabric moves runs of blocks with one descriptor instead of one each).
 
         Mutates: the free list, the prefix cache, the events. Raises if too few are free.
         """
@@ -88,6 +91,8 @@ class BlockPool:
             out.append(block)
         if evicted:
             self._events.append(KVEvent("removed", tuple(evicted)))
+        if num_blocks > 1:
+            out.sort(key=lambda b: b.block_id)
         return out
 
     def touch(self, blocks: list[Block]) -> None:

@@ -22,7 +22,9 @@ def test_allocate_takes_lowest_ids_first_and_free_appends_in_order():
     assert pool.free_block_ids() == [5]
     pool.free(list(reversed(b)))
     assert pool.free_block_ids() == [5, 4, 3, 2]
-    assert [x.block_id for x in pool.allocate(2)] == [5, 4]
+    # LRU picks 5 and 4 (the oldest free); they are handed out in ascending order
+    assert [x.block_id for x in pool.allocate(2)] == [4, 5]
+    assert pool.free_block_ids() == [3, 2]
 
 
 def test_lru_eviction_of_cached_blocks_and_events():
