@@ -28,9 +28,10 @@ class Served:
     stamps: list[float] = field(default_factory=list)  # time.monotonic() of each line
 
     def status(self) -> dict:
+        host = self.url.removeprefix("http://").rsplit(":", 1)[0]
         out = subprocess.run([sys.executable, "-m", "pdserve.router.cli", "status", "--json",
-                              "--port", str(self.port)], capture_output=True, text=True,
-                             timeout=30, check=True)
+                              "--host", host, "--port", str(self.port)],
+                             capture_output=True, text=True, timeout=30, check=True)
         import json
 
         return json.loads(out.stdout)
@@ -67,12 +68,14 @@ def write_config(tmp_path, port: int, **overrides) -> str:
     return str(path)
 
 
-def start_serve(config_path: str, port: int, timeout_s: float = 240.0) -> Served:
+def start_serve(config_path: str, port: int, timeout_s: float = 240.0,
+                host: str = "127.0.0.1") -> Served:
+    """``pdserve serve config_path --port port``; ``host``: the config's router.host."""
     proc = subprocess.Popen([sys.executable, "-m", "pdserve.router.cli", "serve", config_path,
                              "--port", str(port)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    served = Served(f"http://127.0.0.1:{port}", port, proc)
+    served = Served(f"http://{host}:{port}", port, proc)
 
     def pump():
         for line in iter(proc.stdout.readline, ""):
@@ -130,3 +133,15 @@ def pytest_runtest_makereport(item, call):
         tail = zip(served.stamps[-150:], served.lines[-150:], strict=False)
         report.sections.append(("pdserve output (last 150 lines, seconds since start)",
                                 "".join(f"{t - t0:8.2f} {line}" for t, line in tail)))
+
+
+@pytest.fixture(scope="session")
+def expected_long(reference_llm):
+    """Greedy texts of ``long_prompt(i)`` for i < 4 (faults.py)."""
+    from pdserve import SamplingParams
+    from tests.e2e.faults import LONG_MAX_TOKENS, long_prompt
+
+    outs = reference_llm.chat([long_prompt(i) for i in range(4)],
+                              SamplingParams(temperature=0, max_tokens=LONG_MAX_TOKENS),
+                              use_tqdm=False)
+    return {i: o.text for i, o in enumerate(outs)}

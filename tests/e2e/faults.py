@@ -31,8 +31,17 @@ THINGS = ["fruit", "city", "colour", "planet"]
 NUM_PROMPTS = 8
 
 
+STORY = "Tell me a long story about the sea, the ships and their crews. " * 20  # ~270 tok
+LONG_MAX_TOKENS = 8
+
+
 def prompt(i: int) -> list[dict]:
     return [{"role": "user", "content": f"Question {i}: name a {THINGS[i % 4]}."}]
+
+
+def long_prompt(i: int) -> list[dict]:
+    """A prompt whose prefill keeps a CPU worker busy for a while (hand-offs in flight)."""
+    return [{"role": "user", "content": f"Question {i}: {STORY}"}]
 
 
 def fault_config(workers: list[dict], router: dict | None = None, **top) -> dict:
@@ -51,7 +60,8 @@ def start_cluster(cfg: dict) -> Served:
     path = tmp / "faults.yaml"
     path.write_text(yaml.safe_dump(cfg))
     try:
-        served = start_serve(str(path), free_port())
+        served = start_serve(str(path), free_port(),
+                             host=cfg["router"].get("host", "127.0.0.1"))
     finally:
         shutil.rmtree(tmp)
     served.timeout_s = cfg["router"]["request_timeout_s"]

@@ -18,11 +18,13 @@ import pytest
 
 from pdserve import SamplingParams
 from tests.e2e.faults import (
+    LONG_MAX_TOKENS,
     assert_exact_or_error,
     check_invariants,
     fault_config,
     log_marks,
     log_matches,
+    long_prompt,
     run_load,
     start_cluster,
     stop_cluster,
@@ -32,12 +34,7 @@ from tests.e2e.faults import (
 
 LEASE_S = 1.5
 HEARTBEAT_TIMEOUT_S = 3.0
-STORY = "Tell me a long story about the sea, the ships and their crews. " * 20  # ~270 tok
 NUM_LONG = 6  # enough prefill work that holds are still queued a lease after the stop
-
-
-def long_prompt(i: int) -> list[dict]:
-    return [{"role": "user", "content": f"Question {i}: {STORY}"}]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +56,7 @@ def test_row4_stopped_decode_lapses_its_leases_and_comes_back(cluster, expected,
 
     # under load: long prompts keep the prefill worker busy with holds for decode0
     pool = concurrent.futures.ThreadPoolExecutor(1)
-    load = pool.submit(run_load, cluster, range(NUM_LONG), max_tokens=8,
+    load = pool.submit(run_load, cluster, range(NUM_LONG), max_tokens=LONG_MAX_TOKENS,
                        make_prompt=long_prompt)
     wait_until(lambda: workers(cluster)["decode0"]["pending_transfers"] >= 1, 30,
                "decode0 never waited for a transfer")
@@ -87,8 +84,8 @@ def test_row4_stopped_decode_lapses_its_leases_and_comes_back(cluster, expected,
     t_cont = time.monotonic()
     ok = [(i, r) for i, r, _ in results if r.status_code == 200]
     if ok:  # only a request that finished before the stop may succeed, and exactly
-        ref = reference_llm.chat([long_prompt(i) for i, _ in ok],
-                                 SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+        ref = reference_llm.chat([long_prompt(i) for i, _ in ok], SamplingParams(
+            temperature=0, max_tokens=LONG_MAX_TOKENS), use_tqdm=False)
         for (_, r), o in zip(ok, ref, strict=True):
             assert r.json()["choices"][0]["message"]["content"] == o.text
     for _, r, elapsed in results:
