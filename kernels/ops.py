@@ -64,3 +64,13 @@ def unpack_blocks(buf, k_cache, v_cache, block_ids) -> None:
     else:
         impl = reference.unpack_blocks
     impl(buf, k_cache, v_cache, block_ids)
+
+
+def block_checksums(k_cache, v_cache, block_ids):
+    """See ``reference.block_checksums``: [2n] int64 on the caches' device, no host sync."""
+    if _use_triton(k_cache) and k_cache.is_contiguous() and v_cache.is_contiguous() \
+            and (k_cache[0].numel() * k_cache.element_size()) % 4 == 0:
+        from pdserve.kernels.triton_checksum import block_checksums as impl
+
+        return impl(k_cache, v_cache, block_ids)
+    return reference.block_checksums(k_cache, v_cache, block_ids)

@@ -134,3 +134,47 @@ def unpack_blocks(
     """Scatter a packed buffer into ``block_ids`` of the caches. Mutates the caches."""
     k_cache.index_copy_(0, block_ids.long(), buf[0])
     v_cache.index_copy_(0, block_ids.long(), buf[1])
+
+
+WSUM_P = (1 << 31) - 1  # the checksum's prime modulus
+WSUM_CHUNK = 1 << 14  # words per inner sum: |x * w| < 2**46, 2**14 of them < 2**60
+
+
+def block_checksums(
+    k_cache: torch.Tensor,  # [NB, B, Hkv, D], a block's bytes a multiple of 4
+    v_cache: torch.Tensor,  # [NB, B, Hkv, D], same shape and dtype
+    block_ids: torch.Tensor,  # [n] int64
+) -> torch.Tensor:  # [2n] int64: K's blocks, then V's
+    """A weighted checksum of each block's bytes read as int32 words ``x``. Pure.
+
+    Per chunk ``c`` (1-based) of ``WSUM_CHUNK`` words (the last one zero-padded),
+    ``inner_c = sum_i w_i x_i mod P`` with ``w_i = (i * 0x9E3779B1 + 0x7F4A7C15) mod
+    32749 + 1`` (``i`` the word's position in its chunk), and the checksum is
+    ``sum_c (inner_c * cw_c mod P) mod P`` with ``cw_c = c * 0x85EBCA6B mod P + 1``:
+    every intermediate is exact in int64, so every device agrees bit for bit, and
+    any changed word changes it (P is prime and above any word's weighted change).
+    """
+    num_blocks = k_cache.shape[0]
+    k_rows = k_cache.reshape(num_blocks, -1).view(torch.uint8)
+    v_rows = v_cache.reshape(num_blocks, -1).view(torch.uint8)
+    return checksum_rows(torch.cat([k_rows.index_select(0, block_ids),
+                                    v_rows.index_select(0, block_ids)]))
+
+
+def checksum_rows(rows: torch.Tensor) -> torch.Tensor:
+    """``block_checksums``' checksum of each row of ``[m, width]`` uint8: ``[m]`` int64 on
+    its device. The words are int32 when ``width`` is a multiple of 4, else bytes. Pure."""
+    m, width = rows.shape
+    words = rows.contiguous()
+    x = (words.view(torch.int32) if width % 4 == 0 else words).to(torch.int64)  # [m, W]
+    num_words = x.shape[1]
+    chunk = min(WSUM_CHUNK, num_words)
+    num_chunks = -(-num_words // chunk)
+    if num_chunks * chunk != num_words:
+        x = torch.nn.functional.pad(x, (0, num_chunks * chunk - num_words))
+    pos = torch.arange(chunk, dtype=torch.int64, device=x.device)
+    w = (pos * 0x9E3779B1 + 0x7F4A7C15) % 32749 + 1  # [chunk] in 1..32749
+    c = torch.arange(1, num_chunks + 1, dtype=torch.int64, device=x.device)
+    cw = (c * 0x85EBCA6B) % WSUM_P + 1  # [num_chunks]
+    inner = torch.remainder((x.view(m, num_chunks, chunk) * w).sum(-1), WSUM_P)
+    return torch.remainder(torch.remainder(inner * cw, WSUM_P).sum(-1), WSUM_P)  # [m]

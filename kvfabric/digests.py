@@ -24,8 +24,9 @@ named in the frame, so the receiver computes the same one wherever its bytes are
 - ``ALGO_WSUM``: a weighted sum of each block's bytes read as int32 words,
   ``sum_c cw[c] * (sum_i w[i] * x[c, i] mod P) mod P`` over chunks ``c`` of
   CHUNK words, P = 2**31 - 1, with pseudo-random position weights; every
-  intermediate is exact in int64, so CPU and GPU agree bit for bit. One torch
-  reduction on the GPU; detects any changed word (P is prime and larger than
+  intermediate is exact in int64, so CPU and GPU agree bit for bit
+  (``kernels.reference.block_checksums`` defines it; on a GPU a Triton kernel
+  reads each block once); detects any changed word (P is prime and larger than
   any single-byte change), swaps of words and zeroed tails.
 """
 
@@ -37,12 +38,13 @@ from dataclasses import dataclass
 
 import torch
 
+from pdserve.kernels.ops import block_checksums
+from pdserve.kernels.reference import checksum_rows
+
 ALGO_CRC32, ALGO_WSUM = 1, 2
 ALGO_NAMES = {ALGO_CRC32: "crc32", ALGO_WSUM: "wsum"}
 MAC_SIZE = 16
 _AUX = struct.Struct("<B3xI")
-_P = (1 << 31) - 1
-_CHUNK = 1 << 14  # words per inner sum: |x * w| < 2**46, 2**14 of them < 2**60 (int64-exact)
 
 
 class DigestError(Exception):
@@ -91,6 +93,8 @@ def cache_block_digests(algo: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
     """Digests of blocks ``block_ids`` (``[n]`` int64, on the cache's device) of one
     layer's ``[NB, B, Hkv, D]`` caches, K blocks then V: what packing them would digest. Pure.
     """
+    if algo == ALGO_WSUM and block_ids.numel():  # on a GPU: one pass over the blocks
+        return BlockDigests(algo, tuple(block_checksums(k_cache, v_cache, block_ids).tolist()))
     num_blocks = k_cache.shape[0]
     rows = torch.cat([as_block_rows(k_cache, num_blocks).index_select(0, block_ids),
                       as_block_rows(v_cache, num_blocks).index_select(0, block_ids)])
@@ -104,24 +108,9 @@ def _crc32_rows(blocks: torch.Tensor) -> tuple[int, ...]:
 
 
 def _wsum_rows(blocks: torch.Tensor) -> tuple[int, ...]:
-    m, width = blocks.shape
-    if m == 0:
+    if blocks.shape[0] == 0:
         return ()
-    words = blocks.contiguous()
-    words = words.view(torch.int32) if width % 4 == 0 else words  # [m, W]
-    x = words.to(torch.int64)
-    num_words = x.shape[1]
-    chunk = min(_CHUNK, num_words)
-    num_chunks = -(-num_words // chunk)
-    if num_chunks * chunk != num_words:
-        x = torch.nn.functional.pad(x, (0, num_chunks * chunk - num_words))
-    pos = torch.arange(chunk, dtype=torch.int64, device=x.device)
-    w = (pos * 0x9E3779B1 + 0x7F4A7C15) % 32749 + 1  # [chunk] in 1..32749
-    c = torch.arange(1, num_chunks + 1, dtype=torch.int64, device=x.device)
-    cw = (c * 0x85EBCA6B) % _P + 1  # [num_chunks]
-    inner = torch.remainder((x.view(m, num_chunks, chunk) * w).sum(-1), _P)  # [m, num_chunks]
-    outer = torch.remainder(torch.remainder(inner * cw, _P).sum(-1), _P)  # [m]
-    return tuple(outer.tolist())
+    return tuple(checksum_rows(blocks).tolist())
 
 
 # -- aux sections and their seal --

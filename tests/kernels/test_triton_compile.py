@@ -21,7 +21,8 @@ import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from pdserve.kernels import triton_blocks, triton_decode, triton_prefill, triton_store
+from pdserve.kernels import (triton_blocks, triton_checksum, triton_decode, triton_prefill,
+                             triton_store)
 
 def compile_for_sm90(fn, types, consts, num_warps, num_stages):
     sig, attrs = {}, {}
@@ -83,6 +84,9 @@ else:
                          dict(src_k_ptr="*i16", src_v_ptr="*i16", dst_k_ptr="*i16",
                               dst_v_ptr="*i16", ids_ptr="*i64"),
                          dict(BLOCK_NUMEL=16384, CHUNK=4096, GATHER=gather), 4, 1)
+    compile_for_sm90(triton_checksum._checksum_kernel,
+                     dict(k_ptr="*i32", v_ptr="*i32", ids_ptr="*i64", out_ptr="*i64"),
+                     dict(P=(1 << 31) - 1, CHUNK=8192, TILE=2048), 4, 1)
 print("compiled", case)
 '''
 
