@@ -49,9 +49,10 @@ class PrefillWorker(WorkerRuntime):
         self.pusher = LayerPusher(e.device)
         self.leases = LeaseTable(spec.kv_lease_s)  # jobs' holds, renewed by their peers
         self.dead_until: dict[str, float] = {}  # kv address -> no reconnect before (monotonic)
+        self.closed_bytes_sent = 0  # by senders closed since (kv_bytes stays cumulative)
 
     def kv_bytes(self) -> tuple[int, int]:
-        return sum(s.bytes_sent for s in self.senders.values()), 0
+        return self.closed_bytes_sent + sum(s.bytes_sent for s in self.senders.values()), 0
 
     def _sender(self, address: str) -> KVSender:
         """The live sender to ``address``, connecting if needed. Raises FabricError; a peer
@@ -62,6 +63,7 @@ class PrefillWorker(WorkerRuntime):
             return sender
         if sender is not None:
             sender.close()
+            self.closed_bytes_sent += sender.bytes_sent
             del self.senders[address]
         now = time.monotonic()
         if self.dead_until.get(address, 0.0) > now:
@@ -100,7 +102,7 @@ class PrefillWorker(WorkerRuntime):
             renewed = self.leases.renew(msg.decode_worker, msg.request_ids, time.monotonic())
             if renewed < len(msg.request_ids):  # lapsed or already finished here
                 log.debug("ignored %d late lease renewal(s) from %s",
-                         len(msg.request_ids) - renewed, msg.decode_worker)
+                          len(msg.request_ids) - renewed, msg.decode_worker)
         elif isinstance(msg, m.Abort):
             self.abort(msg.request_id, "aborted by the decode side")
         elif isinstance(msg, m.Stall) and self.spec.engine.extra.get("fault_injection"):
