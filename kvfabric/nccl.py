@@ -179,12 +179,7 @@ class NcclSenderPath(SenderPath):
         """Tell the pair thread to stop (best effort) and drop the group. Idempotent."""
         if self._group is None:
             return
-        for writes in list(self._writes.values()):
-            try:
-                self.wait_writes(writes)
-            except FabricPeerError:
-                pass
-        self._writes.clear()
+        self.drain_writes(self._writes)
         try:
             dev = torch.device("cuda") if self.backend == "nccl" else torch.device("cpu")
             meta = torch.tensor([OP_CLOSE, 0, 0, 0], dtype=torch.int64).to(dev)

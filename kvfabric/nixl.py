@@ -211,12 +211,7 @@ class NixlSenderPath(SenderPath):
             raise FabricPeerError(failed)
 
     def close(self) -> None:
-        for writes in list(self._writes.values()):
-            try:
-                self.wait_writes(writes)
-            except FabricPeerError:
-                pass
-        self._writes.clear()
+        self.drain_writes(self._writes)
         if self._remote is not None:
             self.transport.agent.remove_remote_agent(self._remote)
             self._remote = None

@@ -22,6 +22,7 @@ import torch
 
 from pdserve.kvfabric.descriptors import FabricIdentity, TransferPlan
 from pdserve.kvfabric.digests import BlockDigests, encode_layer_aux, layer_aux_size
+from pdserve.kvfabric.errors import FabricPeerError
 from pdserve.kvfabric.faults import FaultInjector
 from pdserve.kvfabric.frames import LAYER, Welcome, encode_header
 
@@ -81,6 +82,16 @@ class SenderPath:
 
     def wait_writes(self, writes: list) -> None:
         """Block until ``writes`` are done. Raises FabricPeerError if one failed."""
+
+    def drain_writes(self, writes_by_transfer: dict[str, list]) -> None:
+        """On close: wait for every write still in flight (a failed one is ignored, the
+        path is going away) and forget them. Mutates ``writes_by_transfer``."""
+        for writes in list(writes_by_transfer.values()):
+            try:
+                self.wait_writes(writes)
+            except FabricPeerError:
+                pass
+        writes_by_transfer.clear()
 
     def close(self) -> None:
         """Release what the path holds. Idempotent."""
