@@ -10,10 +10,11 @@ sequence lives in block ``block_table[t // block_size]`` at offset
 ``t % block_size``; its *slot* is ``block_id * block_size + offset``.
 
 Public names: ``store_kv``, ``paged_decode_attention``,
-``paged_prefill_attention``, ``pack_blocks``, ``unpack_blocks``.
+``paged_prefill_attention``, ``pack_blocks``, ``unpack_blocks``, ``copy_blocks``.
 """
 
 from pdserve.kernels.ops import (
+    copy_blocks,
     pack_blocks,
     paged_decode_attention,
     paged_prefill_attention,
@@ -27,4 +28,5 @@ __all__ = [
     "paged_prefill_attention",
     "pack_blocks",
     "unpack_blocks",
+    "copy_blocks",
 ]

@@ -66,6 +66,15 @@ def unpack_blocks(buf, k_cache, v_cache, block_ids) -> None:
     impl(buf, k_cache, v_cache, block_ids)
 
 
+def copy_blocks(src_k, src_v, src_ids, dst_k, dst_v, dst_ids) -> None:
+    """See ``reference.copy_blocks``. Mutates ``dst_k``/``dst_v``."""
+    if _use_triton(src_k):
+        from pdserve.kernels.triton_blocks import copy_blocks as impl
+    else:
+        impl = reference.copy_blocks
+    impl(src_k, src_v, src_ids, dst_k, dst_v, dst_ids)
+
+
 def block_checksums(k_cache, v_cache, block_ids):
     """See ``reference.block_checksums``: [2n] int64 on the caches' device, no host sync."""
     if _use_triton(k_cache) and k_cache.is_contiguous() and v_cache.is_contiguous() \

@@ -136,6 +136,20 @@ def unpack_blocks(
     v_cache.index_copy_(0, block_ids.long(), buf[1])
 
 
+def copy_blocks(
+    src_k: torch.Tensor,  # [NB_src, B, Hkv, D]
+    src_v: torch.Tensor,  # [NB_src, B, Hkv, D]
+    src_ids: torch.Tensor,  # [n] int64
+    dst_k: torch.Tensor,  # [NB_dst, B, Hkv, D]  (mutated)
+    dst_v: torch.Tensor,  # [NB_dst, B, Hkv, D]  (mutated)
+    dst_ids: torch.Tensor,  # [n] int64, no repeats
+) -> None:
+    """Copy block ``src_ids[i]`` of K and V into block ``dst_ids[i]`` of the other caches
+    (pack then unpack, without the buffer). Mutates ``dst_k``/``dst_v``."""
+    dst_k.index_copy_(0, dst_ids.long(), src_k.index_select(0, src_ids.long()))
+    dst_v.index_copy_(0, dst_ids.long(), src_v.index_select(0, src_ids.long()))
+
+
 WSUM_P = (1 << 31) - 1  # the checksum's prime modulus
 WSUM_CHUNK = 1 << 14  # words per inner sum: |x * w| < 2**46, 2**14 of them < 2**60
 

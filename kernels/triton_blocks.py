@@ -1,7 +1,10 @@
-"""Gather / scatter one layer's KV blocks in Triton (contract: ``reference.pack_blocks``).
+"""Gather / scatter one layer's KV blocks in Triton (contracts: ``reference.pack_blocks``,
+``reference.unpack_blocks``, ``reference.copy_blocks``).
 
 ``pack_blocks`` copies blocks ``block_ids`` of K and V into one contiguous
-staging buffer for the fabric; ``unpack_blocks`` copies such a buffer back:
+staging buffer for the fabric; ``unpack_blocks`` copies such a buffer back;
+``copy_blocks`` moves blocks from one cache straight into other block ids of
+another (the ``cuda_ipc`` fabric path, where the other cache is a peer's):
 
     k_cache[ids[0]] k_cache[ids[1]] ...   v_cache[ids[0]] ...
           |               |                      |
@@ -24,23 +27,27 @@ _INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 @triton.jit
 def _copy_blocks_kernel(
-    src_k_ptr, src_v_ptr, dst_k_ptr, dst_v_ptr, ids_ptr, num_ids,
+    src_k_ptr, src_v_ptr, dst_k_ptr, dst_v_ptr, src_ids_ptr, dst_ids_ptr, num_ids,
     src_block_stride, dst_block_stride,
-    BLOCK_NUMEL: tl.constexpr, CHUNK: tl.constexpr, GATHER: tl.constexpr,
+    BLOCK_NUMEL: tl.constexpr, CHUNK: tl.constexpr, SRC_BY_ID: tl.constexpr,
+    DST_BY_ID: tl.constexpr,
 ):
+    """Block ``i`` goes from src block ``src_ids[i]`` (or ``i``, a packed buffer) to dst
+    block ``dst_ids[i]`` (or ``i``)."""
     num_chunks: tl.constexpr = (BLOCK_NUMEL + CHUNK - 1) // CHUNK
     pid = tl.program_id(0)
     chunk = pid % num_chunks
     rest = pid // num_chunks
     i = rest % num_ids  # position in block_ids / in the buffer
     kv = rest // num_ids  # 0: K, 1: V
-    blk = tl.load(ids_ptr + i).to(tl.int64)
-    if GATHER:
-        src = blk * src_block_stride
-        dst = i.to(tl.int64) * dst_block_stride
-    else:
-        src = i.to(tl.int64) * src_block_stride
-        dst = blk * dst_block_stride
+    src_blk = i.to(tl.int64)
+    dst_blk = i.to(tl.int64)
+    if SRC_BY_ID:
+        src_blk = tl.load(src_ids_ptr + i).to(tl.int64)
+    if DST_BY_ID:
+        dst_blk = tl.load(dst_ids_ptr + i).to(tl.int64)
+    src = src_blk * src_block_stride
+    dst = dst_blk * dst_block_stride
     offs = chunk * CHUNK + tl.arange(0, CHUNK)
     mask = offs < BLOCK_NUMEL
     if kv == 0:
@@ -60,14 +67,18 @@ def _as_int(t: torch.Tensor) -> torch.Tensor:
     return t.view(_INT_OF_WIDTH[t.element_size()])
 
 
-def _launch(src_k, src_v, dst_k, dst_v, block_ids, src_stride, dst_stride, block_numel, gather):
-    n = block_ids.numel()
+def _launch(src_k, src_v, dst_k, dst_v, src_ids, dst_ids, src_stride, dst_stride,
+            block_numel):
+    """``src_ids``/``dst_ids``: [n] block ids, or None for a packed buffer's order."""
+    ids = src_ids if src_ids is not None else dst_ids
+    n = ids.numel()
     chunk = min(triton.next_power_of_2(block_numel), 4096)
     grid = (2 * n * triton.cdiv(block_numel, chunk),)
     _copy_blocks_kernel[grid](
-        _as_int(src_k), _as_int(src_v), _as_int(dst_k), _as_int(dst_v), block_ids, n,
-        src_stride, dst_stride,
-        BLOCK_NUMEL=block_numel, CHUNK=chunk, GATHER=gather, num_warps=4,
+        _as_int(src_k), _as_int(src_v), _as_int(dst_k), _as_int(dst_v),
+        ids if src_ids is None else src_ids, ids if dst_ids is None else dst_ids, n,
+        src_stride, dst_stride, BLOCK_NUMEL=block_numel, CHUNK=chunk,
+        SRC_BY_ID=src_ids is not None, DST_BY_ID=dst_ids is not None, num_warps=4,
     )
 
 
@@ -89,8 +100,8 @@ def pack_blocks(
     if n == 0:
         return out
     block_numel = k_cache[0].numel()
-    _launch(k_cache, v_cache, out[0], out[1], block_ids.reshape(-1),
-            k_cache.stride(0), block_numel, block_numel, gather=True)
+    _launch(k_cache, v_cache, out[0], out[1], block_ids.reshape(-1), None,
+            k_cache.stride(0), block_numel, block_numel)
     return out
 
 
@@ -110,8 +121,30 @@ def unpack_blocks(
     if n == 0:
         return
     block_numel = k_cache[0].numel()
-    _launch(buf[0], buf[1], k_cache, v_cache, block_ids.reshape(-1),
-            block_numel, k_cache.stride(0), block_numel, gather=False)
+    _launch(buf[0], buf[1], k_cache, v_cache, None, block_ids.reshape(-1),
+            block_numel, k_cache.stride(0), block_numel)
 
 
-__all__ = ["pack_blocks", "unpack_blocks"]
+def copy_blocks(
+    src_k: torch.Tensor,  # [NB_src, B, Hkv, D]
+    src_v: torch.Tensor,  # [NB_src, B, Hkv, D]
+    src_ids: torch.Tensor,  # [n] int64 (or int32)
+    dst_k: torch.Tensor,  # [NB_dst, B, Hkv, D]  (mutated)
+    dst_v: torch.Tensor,  # [NB_dst, B, Hkv, D]  (mutated)
+    dst_ids: torch.Tensor,  # [n] int64 (or int32), no repeats
+) -> None:
+    """See ``reference.copy_blocks``. Mutates the dst caches; no host sync."""
+    caches = (src_k, src_v, dst_k, dst_v)
+    usable = (all(_blocks_contiguous(c) for c in caches)
+              and len({c.dtype for c in caches}) == 1
+              and tuple(src_k.shape[1:]) == tuple(dst_k.shape[1:]))
+    if not usable:
+        reference.copy_blocks(src_k, src_v, src_ids, dst_k, dst_v, dst_ids)
+        return
+    if src_ids.numel() == 0:
+        return
+    _launch(src_k, src_v, dst_k, dst_v, src_ids.reshape(-1), dst_ids.reshape(-1),
+            src_k.stride(0), dst_k.stride(0), src_k[0].numel())
+
+
+__all__ = ["pack_blocks", "unpack_blocks", "copy_blocks"]

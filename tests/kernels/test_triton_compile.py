@@ -79,11 +79,12 @@ else:
                           v_cache_ptr="*bf16", slot_ptr="*i64"),
                      dict(NUM_HEADS=3, BLOCK_H=4, HEAD_DIM=128, BLOCK_D=128, KV_BLOCK=16,
                           BLOCK_T=16), 4, 1)
-    for gather in (True, False):
+    for src_by_id, dst_by_id in ((True, False), (False, True), (True, True)):
         compile_for_sm90(triton_blocks._copy_blocks_kernel,
                          dict(src_k_ptr="*i16", src_v_ptr="*i16", dst_k_ptr="*i16",
-                              dst_v_ptr="*i16", ids_ptr="*i64"),
-                         dict(BLOCK_NUMEL=16384, CHUNK=4096, GATHER=gather), 4, 1)
+                              dst_v_ptr="*i16", src_ids_ptr="*i64", dst_ids_ptr="*i64"),
+                         dict(BLOCK_NUMEL=16384, CHUNK=4096, SRC_BY_ID=src_by_id,
+                              DST_BY_ID=dst_by_id), 4, 1)
     compile_for_sm90(triton_checksum._checksum_kernel,
                      dict(k_ptr="*i32", v_ptr="*i32", ids_ptr="*i64", out_ptr="*i64"),
                      dict(P=(1 << 31) - 1, CHUNK=8192, TILE=2048), 4, 1)

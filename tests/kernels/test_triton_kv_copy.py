@@ -12,7 +12,7 @@ from pdserve.kernels import reference
 pytest.importorskip("triton")
 from kernel_checks import INTERPRET, gpu, interpreter  # noqa: E402,F401
 
-from pdserve.kernels.triton_blocks import pack_blocks, unpack_blocks  # noqa: E402
+from pdserve.kernels.triton_blocks import copy_blocks, pack_blocks, unpack_blocks  # noqa: E402
 from pdserve.kernels.triton_store import store_kv  # noqa: E402
 
 
@@ -69,6 +69,32 @@ def check_pack_unpack(num_blocks, n, bs, hkv, d, dtype, device, layout):
     assert_same(v_cache, v_ref)
 
 
+def check_copy_blocks(src_blocks, dst_blocks, n, bs, hkv, d, dtype, device):
+    """Blocks move from random src ids to random dst ids of another cache; nothing else of
+    the dst cache changes (it stays NaN), bit-exact against the reference."""
+    src_k = torch.randn((src_blocks, bs, hkv, d), device=device).to(dtype)
+    src_v = torch.randn((src_blocks, bs, hkv, d), device=device).to(dtype)
+    src_ids = torch.randperm(src_blocks, device=device)[:n]
+    dst_ids = torch.randperm(dst_blocks, device=device)[:n]
+    dst_k = torch.full((dst_blocks, bs, hkv, d), float("nan"), device=device).to(dtype)
+    dst_v = torch.full_like(dst_k, float("nan"))
+    k_ref, v_ref = dst_k.clone(), dst_v.clone()
+    reference.copy_blocks(src_k, src_v, src_ids, k_ref, v_ref, dst_ids)
+    copy_blocks(src_k, src_v, src_ids, dst_k, dst_v, dst_ids)
+    assert_same(dst_k, k_ref)
+    assert_same(dst_v, v_ref)
+    assert_same(dst_k[dst_ids.long()], src_k[src_ids.long()])
+    untouched = torch.ones(dst_blocks, dtype=torch.bool, device=device)
+    untouched[dst_ids.long()] = False
+    assert bool(dst_k[untouched].isnan().all()) and bool(dst_v[untouched].isnan().all())
+
+
+@interpreter
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16])
+def test_copy_blocks_interpreter(dtype):
+    check_copy_blocks(11, 17, 6, 16, 3, 64, dtype, "cpu")
+
+
 @interpreter
 @pytest.mark.parametrize("src_dtype,cache_dtype", [(torch.float16, torch.float16),
                                                    (torch.float32, torch.float32),
@@ -104,3 +130,10 @@ def test_store_kv_gpu(dtype):
 @pytest.mark.parametrize("layout", ["contiguous", "interleaved"])
 def test_pack_unpack_gpu(dtype, layout):
     check_pack_unpack(3000, 1000, 16, 8, 128, dtype, "cuda", layout)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_copy_blocks_gpu(dtype):
+    check_copy_blocks(3000, 2500, 1000, 16, 8, 128, dtype, "cuda")
