@@ -9,7 +9,7 @@
       └─ HTTP: `pdserve serve` with configs/gpu-1x-{disagg,colocated}.yaml, greedy text
                (and logprobs) compared between the two
 
-    python -m pdserve.bench.disagg_h200 [--tiny --device cpu] [--transports nixl,tcp]
+    python -m pdserve.bench.disagg_h200 [--tiny --device cpu] [--transports cuda_ipc,nixl,tcp]
 
 Writes ``disagg_h200.json`` (or ``disagg_cpu_tiny.json``) under $OUT or bench/results.
 
@@ -147,11 +147,13 @@ def decode_main(args) -> None:
 
 
 class DecodeProc:
-    def __init__(self, args, model_dir: Path) -> None:
+    """A decode process whose receiver speaks ``transport`` (and tcp, as every one does)."""
+
+    def __init__(self, args, model_dir: Path, transport: str) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pdserve.bench.disagg_h200", "--role", "decode",
              "--model-dir", str(model_dir), "--device", args.device,
-             "--num-blocks", str(args.num_blocks), "--transports", args.transports],
+             "--num-blocks", str(args.num_blocks), "--transports", transport],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.address = self.read()["address"]
 
@@ -308,8 +310,12 @@ def fabric_part(args, model_dir: Path, device: torch.device) -> dict:
     t = time.monotonic()
     engine = LLMEngine(cfg)
     log(f"prefill engine up in {time.monotonic() - t:.1f} s")
-    decode = DecodeProc(args, model_dir)
-    log(f"decode process listening on {decode.address}")
+    names = args.transports.split(",")
+    one_sided = [n for n in names if n != "tcp"] or ["tcp"]
+    decodes = {n: DecodeProc(args, model_dir, n) for n in one_sided}
+    for n in names:  # a tcp sender talks to any receiver
+        decodes.setdefault(n, decodes[one_sided[0]])
+    log(f"decode processes listening: { {n: d.address for n, d in decodes.items()} }")
     identity = FabricIdentity.from_kv_spec(str(model_dir), engine.kv_spec, 0, HASH_ALGORITHM)
     pusher = LayerPusher(engine.device)
     prompt_blocks = args.prompt_len // 16
@@ -317,9 +323,10 @@ def fabric_part(args, model_dir: Path, device: torch.device) -> dict:
         for i in range(2):  # warm kernels
             ttft_colocated(engine, random_prompt(args.prompt_len, 100 + i), f"warm{i}")
         senders = {}
-        for name in args.transports.split(","):
-            senders[name] = KVSender(decode.address, TOKEN, identity, transport=name)
-            xfer = transfer_rates(engine, senders[name], decode, prompt_blocks, args.reps)
+        for name in names:
+            senders[name] = KVSender(decodes[name].address, TOKEN, identity, transport=name)
+            xfer = transfer_rates(engine, senders[name], decodes[name], prompt_blocks,
+                                  args.reps)
             xfer["ratio_to_d2d_copy"] = xfer["bytes_per_s_median"] / out["d2d_copy_bytes_per_s"]
             out[f"transfer_{name}"] = xfer
             log(f"transfer {name}: {xfer['bytes_per_s_median'] / 1e9:.1f} GB/s median, "
@@ -329,7 +336,7 @@ def fabric_part(args, model_dir: Path, device: torch.device) -> dict:
         out["ttft_colocated_s"] = {"median": statistics.median(colo), "all": colo}
         log(f"TTFT colocated median {statistics.median(colo) * 1e3:.1f} ms")
         for name, sender in senders.items():
-            runs = [ttft_disagg(engine, sender, decode, pusher,
+            runs = [ttft_disagg(engine, sender, decodes[name], pusher,
                                 random_prompt(args.prompt_len, 300 + i), f"dis-{name}-{i}")
                     for i in range(args.reps + 1)][1:]
             med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
@@ -342,7 +349,8 @@ def fabric_part(args, model_dir: Path, device: torch.device) -> dict:
         for s in senders.values():
             s.close()
     finally:
-        decode.stop()
+        for d in set(decodes.values()):
+            d.stop()
     del engine
     gc.collect()
     if device.type == "cuda":
@@ -359,6 +367,8 @@ def serve_config(args, src: str, model_dir: Path, tmp: Path, port: int) -> Path:
     cfg = yaml.safe_load((ROOT / "configs" / src).read_text())
     cfg["model"] = str(model_dir)
     cfg["router"]["port"] = port
+    if args.http_transport and cfg["mode"] == "disaggregated":
+        cfg["transport"] = args.http_transport
     cfg["engine"].update(load_format="dummy", max_model_len=8192, cuda_graphs=False)
     if args.device == "cpu":
         cfg["engine"].update(device="cpu", dtype="float32", num_blocks=1024)
@@ -442,7 +452,9 @@ def main() -> None:
     ap.add_argument("--model-dir")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="a small model shape (CPU debugging)")
-    ap.add_argument("--transports", default="nixl,tcp")
+    ap.add_argument("--transports", default="cuda_ipc,nixl,tcp")
+    ap.add_argument("--http-transport", default="",
+                    help="override the disaggregated config's transport for the HTTP part")
     ap.add_argument("--num-blocks", type=int, default=1024)
     ap.add_argument("--prompt-len", type=int, default=4096)
     ap.add_argument("--reps", type=int, default=5)

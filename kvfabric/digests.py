@@ -15,7 +15,11 @@ complete a transfer. The aux section of a LAYER frame::
     8       4*count  digests (uint32)
     ..      16       MAC (HMAC-SHA256, truncated) of header bytes + the above
 
-FINISH frames carry only the MAC (of header bytes + payload) as aux.
+FINISH frames carry only the MAC (of header bytes + payload) as aux, except
+on paths whose layers leave no frame of their own (``cuda_ipc``: a copy
+kernel writes the peer's memory): there the FINISH aux carries every
+layer's digests, layer after layer, in the LAYER aux format, sealed with
+the header and the payload, and the receiver checks them all at once.
 
 Two digest algorithms, chosen by the sender from where its bytes are and
 named in the frame, so the receiver computes the same one wherever its bytes are:
@@ -101,6 +105,17 @@ def cache_block_digests(algo: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
     return block_digests(algo, rows)  # [2n, bytes_per_block]
 
 
+def all_layer_digests(algo: int, kv_layers: list[tuple[torch.Tensor, torch.Tensor]],
+                      block_ids: torch.Tensor) -> list[BlockDigests]:
+    """``cache_block_digests`` of every layer, with one host sync on a GPU. Pure."""
+    if algo == ALGO_WSUM and block_ids.numel() and kv_layers[0][0].device.type != "cpu":
+        n2 = 2 * block_ids.numel()
+        flat = torch.cat([block_checksums(k, v, block_ids) for k, v in kv_layers]).tolist()
+        return [BlockDigests(algo, tuple(flat[i * n2:(i + 1) * n2]))
+                for i in range(len(kv_layers))]
+    return [cache_block_digests(algo, k, v, block_ids) for k, v in kv_layers]
+
+
 def _crc32_rows(blocks: torch.Tensor) -> tuple[int, ...]:
     rows = blocks.contiguous().cpu()  # no copy for CPU tensors
     mv, width = memoryview(rows.numpy()).cast("B"), rows.shape[1]
@@ -150,6 +165,36 @@ def decode_layer_aux(key: bytes, header: bytes, aux: bytes) -> BlockDigests:
     if algo not in ALGO_NAMES or len(body) != _AUX.size + 4 * count:
         raise DigestError(f"bad digest section (algorithm {algo}, {count} digests)")
     return BlockDigests(algo, struct.unpack_from(f"<{count}I", body, _AUX.size))
+
+
+def finish_aux_size(num_layers: int, num_blocks: int) -> int:
+    """Bytes of a FINISH aux section that carries every layer's digests. Pure."""
+    return layer_aux_size(num_layers * num_blocks)
+
+
+def encode_finish_aux(key: bytes, header: bytes, payload: bytes,
+                      layers: list[BlockDigests]) -> bytes:
+    """The aux section of a FINISH frame carrying ``layers``' digests (layer order),
+    sealed with the header bytes and the payload. Pure."""
+    algos = {d.algo for d in layers}
+    if len(algos) > 1:
+        raise ValueError(f"layers digested with different algorithms {sorted(algos)}")
+    values = [v for d in layers for v in d.values]
+    return encode_layer_aux(key, header + payload,
+                            BlockDigests(algos.pop() if algos else ALGO_WSUM, tuple(values)))
+
+
+def decode_finish_aux(key: bytes, header: bytes, payload: bytes, aux: bytes,
+                      num_layers: int) -> list[BlockDigests]:
+    """Check the seal of a digest-carrying FINISH aux and split it into ``num_layers``
+    equal parts (layer order). Raises DigestError. Pure."""
+    flat = decode_layer_aux(key, header + payload, aux)
+    if len(flat.values) % num_layers:
+        raise DigestError(f"{len(flat.values)} block digests do not split into "
+                          f"{num_layers} layers")
+    per = len(flat.values) // num_layers
+    return [BlockDigests(flat.algo, flat.values[i * per:(i + 1) * per])
+            for i in range(num_layers)]
 
 
 def finish_mac(key: bytes, header: bytes, payload: bytes | memoryview) -> bytes:

@@ -42,7 +42,7 @@ PROTOCOL_VERSION = 2  # 2: version byte, aux section with per-block digests and 
 _HEADER = struct.Struct("<4sBBHHiIIQI")  # 34 bytes
 HEADER_SIZE = _HEADER.size
 MAX_CONTROL_BYTES = 16 << 20  # handshake metadata, finish payloads, reasons
-MAX_AUX_BYTES = 1 << 20  # digests of up to ~130k blocks per layer frame
+MAX_AUX_BYTES = 32 << 20  # digests of up to ~4M blocks (a FINISH carrying every layer's)
 
 
 class ProtocolError(Exception):
@@ -221,6 +221,24 @@ class Welcome(msgspec.Struct, frozen=True):
     mem_type: str = "DRAM"  # nixl: "DRAM" or "VRAM"
     device_id: int = 0
     layer_addrs: list[tuple[int, int]] = []  # nixl: (K base, V base) per layer
+    host_id: str = ""  # cuda_ipc: the receiver's host (its IPC handles open only there)
+    ipc_storages: list["IpcStorage"] = []  # cuda_ipc: exported KV allocations
+    ipc_layers: list[tuple[int, int, int, int]] = []  # cuda_ipc: per layer (K storage,
+    # K byte offset, V storage, V byte offset) into ipc_storages
+
+
+class IpcStorage(msgspec.Struct, frozen=True):
+    """A CUDA allocation exported for another process on the same host (torch's
+    ``UntypedStorage._share_cuda_`` fields; raw bytes, nothing pickled)."""
+
+    device: int
+    handle: bytes
+    size: int
+    offset: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes
+    event_sync_required: bool
 
 
 _enc = msgspec.msgpack.Encoder()

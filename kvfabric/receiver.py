@@ -24,10 +24,12 @@ from pdserve.kvfabric.descriptors import FabricIdentity, TransferPlan
 from pdserve.kvfabric.digests import (
     ALGO_NAMES,
     DigestError,
+    all_layer_digests,
     as_block_rows,
     block_digests,
     cache_block_digests,
     check_finish_mac,
+    decode_finish_aux,
     decode_layer_aux,
     mac_key,
 )
@@ -70,6 +72,7 @@ class _Conn:
         self.sock = sock
         self.peer = peer
         self.one_sided = False
+        self.digests_at_finish = False  # its FINISH carries every layer's digests
         self.agent_name = ""
         self.staging = LayerStaging(identity)
         self.frame: FrameHeader | None = None  # the frame being read, for truncation reports
@@ -255,6 +258,33 @@ class KVReceiver:
         return (f"digest mismatch in layer {h.layer}, block {bad} ({half} of dst block "
                 f"{plan.dst_block_ids[bad % n]}, {ALGO_NAMES[sent.algo]})")
 
+    def _finish_digest_error(self, h: FrameHeader, aux: bytes, payload: bytes) -> str | None:
+        """Why a digest-carrying FINISH does not vouch for what landed, or None: its seal,
+        then every layer's digests against the dst blocks (one pass, one host sync)."""
+        t = self._table.lookup(h)
+        if t is None:
+            return None  # finish_arrived drops or fails it with the reason
+        plan = t.plan
+        try:
+            sent = decode_finish_aux(self._mac_key, encode_raw_header(h), payload, aux,
+                                     plan.num_layers)
+        except DigestError as e:
+            return f"finish frame: {e}"
+        n = plan.num_blocks
+        if any(len(d.values) != 2 * n for d in sent):
+            return (f"finish frame carries {sum(len(d.values) for d in sent)} block digests, "
+                    f"expected {2 * n * plan.num_layers}")
+        if n == 0:
+            return None
+        landed = all_layer_digests(sent[0].algo, self._kv_layers, t.dst_index)
+        for layer, (want, got) in enumerate(zip(sent, landed, strict=True)):
+            bad = want.first_mismatch(got)
+            if bad is not None:
+                half = "K" if bad < n else "V"
+                return (f"digest mismatch in layer {layer}, block {bad} ({half} of dst block "
+                        f"{plan.dst_block_ids[bad % n]}, {ALGO_NAMES[want.algo]})")
+        return None
+
     def _serve(self, conn: _Conn) -> None:
         try:
             if not self._handshake(conn):
@@ -317,6 +347,7 @@ class KVReceiver:
             _shutdown(conn.sock)
             return False
         conn.one_sided = hello.transport != "tcp"
+        conn.digests_at_finish = conn.one_sided and self._transport.digests_at_finish
         conn.agent_name = hello.agent_name
         with self._conns_lock:
             self._conns[conn] = None
@@ -333,7 +364,10 @@ class KVReceiver:
             raise ProtocolError(f"unexpected frame kind {h.kind}")
         aux = read_aux(conn.sock, h)
         payload = read_control_payload(conn.sock, h)
-        if h.kind == FINISH:
+        if h.kind == FINISH and conn.digests_at_finish:
+            error = self._finish_digest_error(h, aux, payload)
+            actions = self._table.finish_arrived(conn, h, payload, error, all_layers=True)
+        elif h.kind == FINISH:
             seal_error = check_finish_mac(self._mac_key, encode_raw_header(h), payload, aux)
             actions = self._table.finish_arrived(conn, h, payload, seal_error)
         elif h.kind == ABORT:

@@ -30,7 +30,13 @@ import time
 import torch
 
 from pdserve.kvfabric.descriptors import FabricIdentity, TransferPlan
-from pdserve.kvfabric.digests import MAC_SIZE, finish_mac, mac_key
+from pdserve.kvfabric.digests import (
+    MAC_SIZE,
+    encode_finish_aux,
+    finish_aux_size,
+    finish_mac,
+    mac_key,
+)
 from pdserve.kvfabric.errors import FabricHandshakeError, FabricPeerError, FabricTransferCancelled
 from pdserve.kvfabric.faults import FaultInjector
 from pdserve.kvfabric.frames import (
@@ -147,13 +153,21 @@ class KVSender:
     def finish(self, plan: TransferPlan, payload: bytes = b"") -> None:
         """Send the completion frame carrying ``payload`` (small, opaque) after every layer.
 
-        Waits for the plan's in-flight writes (nixl). Raises like ``send_layer``.
+        Waits for the plan's in-flight writes (nixl, nccl, cuda_ipc). Raises like
+        ``send_layer``, and ValueError (cuda_ipc) if a layer of the plan was not sent.
         """
         self._check_usable(plan)
-        self._path.wait_writes(self._take_writes(plan))
-        header = encode_header(FINISH, len(payload), plan, aux_nbytes=MAC_SIZE)
-        self._send_frame(header + finish_mac(self._mac_key, header, payload),
-                         memoryview(payload))
+        writes = self._take_writes(plan)
+        self._path.wait_writes(writes)
+        if self._path.digests_at_finish:  # the layers left no frames: their digests go here
+            layers = self._path.finish_digests(plan, writes)
+            header = encode_header(FINISH, len(payload), plan, aux_nbytes=finish_aux_size(
+                plan.num_layers, plan.num_blocks))
+            aux = encode_finish_aux(self._mac_key, header, bytes(payload), layers)
+        else:
+            header = encode_header(FINISH, len(payload), plan, aux_nbytes=MAC_SIZE)
+            aux = finish_mac(self._mac_key, header, payload)
+        self._send_frame(header + aux, memoryview(payload))
 
     def abort(self, plan: TransferPlan, reason: str = "aborted by the prefill side") -> None:
         """Tell the receiver to fail the transfer; later calls for it raise

@@ -153,14 +153,33 @@ class TransferTable:
             return self._maybe_complete(t)
 
     def finish_arrived(self, conn, h: FrameHeader, payload: bytes,
-                       seal_error: str | None) -> list[Action]:
-        """The FINISH frame arrived; ``seal_error``: the outcome of checking its seal."""
+                       seal_error: str | None, all_layers: bool = False) -> list[Action]:
+        """The FINISH frame arrived; ``seal_error``: the outcome of checking its seal
+        (and, with ``all_layers``, of every layer's digests it carried: the path's layers
+        left no frames, so a verified FINISH lands every layer at once)."""
         with self._lock:
             t, actions = self._admit(conn, h, False, seal_error)
             if t is None:
                 return actions
+            if all_layers:
+                if t.num_layers_seen:
+                    return self._fail(t, "layer frames on a path whose layers travel in "
+                                         "FINISH", drain=True)
+                landed = t.layer_bytes * t.plan.num_layers
+                t.layers_seen = [True] * t.plan.num_layers
+                t.num_layers_seen = t.plan.num_layers
+                self.bytes_received += landed
+                t.nbytes += landed
             t.payload = payload
             return self._maybe_complete(t)
+
+    def lookup(self, h: FrameHeader) -> Pending | None:
+        """The expected, not failed transfer a FINISH names, if its ids match (to check
+        its digests before ``finish_arrived``). Plan and dst_index are immutable."""
+        with self._lock:
+            t = self._pending.get(h.transfer_id)
+            ok = t is not None and not t.failed and check_frame(t, h, is_layer=False) is None
+            return t if ok else None
 
     def _admit(self, conn, h: FrameHeader, is_layer: bool,
                check_error: str | None) -> tuple["Pending | None", list[Action]]:

@@ -11,6 +11,9 @@ the data path for LAYER data:
           header (``nixl.py``)
     nccl  a 2-rank torch.distributed group per pair (gloo on CPU tensors),
           rendezvous in the Welcome; one send per layer (``nccl.py``)
+    cuda_ipc  one copy kernel per layer straight into the decode side's GPU
+          memory, mapped by CUDA IPC (one host); every layer's digests
+          travel in FINISH (``cuda_ipc.py``)
 
 ``get_transport(name)`` returns a fresh transport object; pass the same
 object to several ``KVSender``s to share one NIXL agent and registration.
@@ -62,6 +65,7 @@ class SenderPath:
     """
 
     one_sided = False
+    digests_at_finish = False  # True: layers leave no frame; FINISH carries their digests
     agent_name = ""
 
     def attach(self, welcome: Welcome) -> None:
@@ -79,6 +83,11 @@ class SenderPath:
     def take_writes(self, transfer_id: str) -> list:
         """Remove and return the writes still in flight for a transfer."""
         return []
+
+    def finish_digests(self, plan: TransferPlan, writes: list) -> list[BlockDigests]:
+        """``digests_at_finish`` paths: every layer's block digests, from the transfer's
+        ``writes`` after ``wait_writes``. Raises ValueError if a layer was not sent."""
+        raise NotImplementedError
 
     def wait_writes(self, writes: list) -> None:
         """Block until ``writes`` are done. Raises FabricPeerError if one failed."""
@@ -120,6 +129,7 @@ class Transport:
     """A named factory of data paths."""
 
     name = ""
+    digests_at_finish = False  # its senders' FINISH frames carry every layer's digests
 
     def sender_path(self, identity: FabricIdentity) -> SenderPath:
         raise NotImplementedError
@@ -130,7 +140,7 @@ class Transport:
 
 
 def get_transport(name: str) -> Transport:
-    """A new transport object by name (``"tcp"``, ``"nixl"`` or ``"nccl"``).
+    """A new transport object by name (one of ``TRANSPORT_NAMES``).
 
     Raises ValueError for an unknown name and FabricTransportUnavailable
     (an ImportError naming the package) when its package is missing.
@@ -144,10 +154,13 @@ def get_transport(name: str) -> Transport:
     if name == "nccl":
         from pdserve.kvfabric.nccl import NcclTransport
         return NcclTransport()
+    if name == "cuda_ipc":
+        from pdserve.kvfabric.cuda_ipc import CudaIpcTransport
+        return CudaIpcTransport()
     raise ValueError(f"unknown KV transport {name!r}; choose one of {list(TRANSPORT_NAMES)}")
 
 
-TRANSPORT_NAMES = ("tcp", "nixl", "nccl")
+TRANSPORT_NAMES = ("tcp", "nixl", "nccl", "cuda_ipc")
 
 
 def resolve_transport(transport: str | Transport) -> Transport:

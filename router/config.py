@@ -14,7 +14,7 @@ from pdserve.router.admission import SloConfig
 
 ROLES = ("prefill", "decode", "colocated")
 MODES = ("disaggregated", "colocated")
-TRANSPORTS = ("tcp", "nixl", "nccl")
+TRANSPORTS = ("tcp", "nixl", "nccl", "cuda_ipc")
 ENGINE_KEYS = ("device", "dtype", "block_size", "num_blocks", "kv_cache_memory_gb",
                "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens",
                "max_model_len", "enable_prefix_caching", "hash_seed", "seed", "cuda_graphs",

@@ -55,11 +55,14 @@ def _transport_param(name: str):
 
 
 TRANSPORTS = [_transport_param("tcp"), _transport_param("nixl")]
+# cuda_ipc moves GPU memory only: the module's tests run on a GPU, both caches in VRAM
+MODULE_TRANSPORTS = TRANSPORTS + [pytest.param("cuda_ipc", marks=pytest.mark.gpu,
+                                               id="cuda_ipc")]
 
 
-@pytest.fixture(scope="module", params=TRANSPORTS)
+@pytest.fixture(scope="module", params=MODULE_TRANSPORTS)
 def module_peers(request):
-    peers = Peers(request.param)
+    peers = Peers(request.param, device="cuda" if request.param == "cuda_ipc" else "cpu")
     yield peers
     peers.stop()
 

@@ -114,7 +114,7 @@ def test_transport_registry():
     with pytest.raises(ValueError) as info:
         get_transport("carrier-pigeon")
     assert str(info.value) == ("unknown KV transport 'carrier-pigeon'; "
-                               "choose one of ['tcp', 'nixl', 'nccl']")
+                               "choose one of ['tcp', 'nixl', 'nccl', 'cuda_ipc']")
 
 
 def test_missing_nixl_is_a_clear_import_error(monkeypatch):

@@ -11,9 +11,13 @@ from pdserve.kvfabric.digests import (
     DigestError,
     block_digests,
     cache_block_digests,
+    all_layer_digests,
     check_finish_mac,
+    decode_finish_aux,
     decode_layer_aux,
+    encode_finish_aux,
     encode_layer_aux,
+    finish_aux_size,
     finish_mac,
     layer_aux_size,
     mac_key,
@@ -157,3 +161,33 @@ def test_flips_change_exactly_one_block():
     assert [i for i in range(4) if not torch.equal(r[i], before[i])] == [2]
     d = BlockDigests(ALGO_CRC32, (5, 6, 7))
     assert flip_digest(d, 1) == BlockDigests(ALGO_CRC32, (5, 7, 7))
+
+
+def test_finish_aux_carries_every_layers_digests_under_one_seal():
+    """The cuda_ipc FINISH: layers' digests in layer order, sealed with header and payload."""
+    plan = TransferPlan("t#0", "t", 0, (1, 2), (5, 6), 3)
+    layers = [BlockDigests(ALGO_WSUM, (10 * i + 1, 10 * i + 2, 10 * i + 3, 10 * i + 4))
+              for i in range(3)]
+    header = encode_header(FINISH, 2, plan, aux_nbytes=finish_aux_size(3, 2))
+    aux = encode_finish_aux(KEY, header, b"ok", layers)
+    assert len(aux) == finish_aux_size(3, 2) == 8 + 4 * 12 + 16
+    assert decode_finish_aux(KEY, header, b"ok", aux, 3) == layers
+    with pytest.raises(DigestError, match="digest seal does not match"):
+        decode_finish_aux(KEY, header, b"no", aux, 3)  # another payload
+    with pytest.raises(DigestError, match="digest seal does not match"):
+        decode_finish_aux(mac_key("other"), header, b"ok", aux, 3)
+    with pytest.raises(DigestError, match="12 block digests do not split into 5 layers"):
+        decode_finish_aux(KEY, header, b"ok", aux, 5)
+    with pytest.raises(ValueError, match="different algorithms"):
+        encode_finish_aux(KEY, header, b"ok", [layers[0], BlockDigests(ALGO_CRC32, (1, 2))])
+
+
+def test_all_layer_digests_equal_each_layers_digests():
+    g = torch.Generator().manual_seed(3)
+    layers = [(torch.randn(7, 4, 2, 8, generator=g), torch.randn(7, 4, 2, 8, generator=g))
+              for _ in range(3)]
+    ids = torch.tensor([6, 0, 3])
+    for algo in (ALGO_CRC32, ALGO_WSUM):
+        got = all_layer_digests(algo, layers, ids)
+        assert got == [cache_block_digests(algo, k, v, ids) for k, v in layers]
+        assert len(got) == 3 and all(len(d.values) == 6 for d in got)
