@@ -107,6 +107,9 @@ def _merge_partials(out_ptr, m_ptr, l_ptr, acc_ptr, first, num_valid, seq, kv_he
     """Merge partials ``first .. first + num_valid`` of one (sequence, kv head).
 
     Partial (p, g) sits at row ``(first + p) * GROUP + g`` of m / l / acc.
+    One pass: m, l and acc of ``BLOCK_P`` partials are loaded together and folded
+    into a running max / denominator / output (online softmax), so when all
+    partials fit one chunk (the usual case) the merge is one round of loads.
     """
     offs_p = tl.arange(0, BLOCK_P)
     offs_g = tl.arange(0, BLOCK_GR)
@@ -114,27 +117,24 @@ def _merge_partials(out_ptr, m_ptr, l_ptr, acc_ptr, first, num_valid, seq, kv_he
     g_mask = offs_g < GROUP
     d_mask = offs_d < HEAD_DIM
 
-    m_run = tl.full([BLOCK_P, BLOCK_GR], float("-inf"), tl.float32)
-    for p0 in range(0, num_valid, BLOCK_P):
-        pg_mask = ((p0 + offs_p) < num_valid)[:, None] & g_mask[None, :]
-        rows = (first + p0 + offs_p)[:, None] * GROUP + offs_g[None, :]  # [BLOCK_P, BLOCK_GR]
-        m = tl.load(m_ptr + rows, mask=pg_mask, other=float("-inf"), cache_modifier=".cg")
-        m_run = tl.maximum(m_run, m)
-    m_max = tl.where(g_mask, tl.max(m_run, 0), 0.0)  # [BLOCK_GR]
-
+    m_run = tl.full([BLOCK_GR], float("-inf"), tl.float32)
     acc = tl.zeros([BLOCK_GR, BLOCK_D], tl.float32)
     denom = tl.zeros([BLOCK_GR], tl.float32)
     for p0 in range(0, num_valid, BLOCK_P):
         pg_mask = ((p0 + offs_p) < num_valid)[:, None] & g_mask[None, :]
-        rows = (first + p0 + offs_p)[:, None] * GROUP + offs_g[None, :]
+        rows = (first + p0 + offs_p)[:, None] * GROUP + offs_g[None, :]  # [BLOCK_P, BLOCK_GR]
         m = tl.load(m_ptr + rows, mask=pg_mask, other=float("-inf"), cache_modifier=".cg")
         lsum = tl.load(l_ptr + rows, mask=pg_mask, other=0.0, cache_modifier=".cg")
-        w = tl.exp2(m - m_max[None, :])  # [BLOCK_P, BLOCK_GR], 0 where masked
         a = tl.load(acc_ptr + rows[:, :, None] * HEAD_DIM + offs_d[None, None, :],
                     mask=pg_mask[:, :, None] & d_mask[None, None, :], other=0.0,
                     cache_modifier=".cg")  # [BLOCK_P, BLOCK_GR, BLOCK_D]
-        acc += tl.sum(a * w[:, :, None], 0)
-        denom += tl.sum(w * lsum, 0)
+        m_new = tl.maximum(m_run, tl.max(m, 0))  # [BLOCK_GR]; -inf only in padded rows
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no (-inf) - (-inf)
+        alpha = tl.exp2(m_run - m_ref)  # 0 on the first chunk
+        w = tl.exp2(m - m_ref[None, :])  # [BLOCK_P, BLOCK_GR], 0 where masked
+        acc = acc * alpha[:, None] + tl.sum(a * w[:, :, None], 0)
+        denom = denom * alpha + tl.sum(w * lsum, 0)
+        m_run = m_new
     o = acc / tl.where(g_mask, denom, 1.0)[:, None]
     heads = kv_head * GROUP + offs_g
     tl.store(out_ptr + seq * stride_on + heads[:, None] * stride_oh + offs_d[None, :],
@@ -144,7 +144,7 @@ def _merge_partials(out_ptr, m_ptr, l_ptr, acc_ptr, first, num_valid, seq, kv_he
 @triton.jit
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, tables_ptr, ctx_ptr, out_ptr, ticket_ptr, ws_ptr,
-    qk_scale, partition_size,
+    qk_scale, partition_size, max_blocks,
     stride_qn, stride_qh, stride_kb, stride_kt, stride_kh,
     stride_tn, stride_on, stride_oh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_GR: tl.constexpr,
@@ -157,12 +157,13 @@ def _decode_kernel(
     seq = tl.program_id(2)
     num_kv_heads = tl.num_programs(0)
     num_parts = tl.num_programs(1)
-    ctx = tl.load(ctx_ptr + seq)
     start = part * partition_size
-    if start >= ctx:
-        return
-    end = tl.minimum(start + partition_size, ctx)
 
+    # Everything that does not depend on the context length is loaded before the
+    # length check, so the loads of the length, q and the first tile's block ids
+    # are one memory round trip, not three. The first block ids are masked by the
+    # table width (from shapes), not the context: entries past a context may be
+    # any id, and are only used under the K/V masks below, which do use the context.
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
@@ -170,18 +171,23 @@ def _decode_kernel(
     d_mask = offs_d < HEAD_DIM
     gd_mask = g_mask[:, None] & d_mask[None, :]
     heads = kv_head * GROUP + offs_g  # [BLOCK_G] query heads of this kv head
+    table = tables_ptr + seq.to(tl.int64) * stride_tn
+    toks = start + offs_n  # [BLOCK_N]
+    ctx = tl.load(ctx_ptr + seq)
+    blk = tl.load(table + toks // KV_BLOCK, mask=(toks // KV_BLOCK) < max_blocks,
+                  other=0).to(tl.int64)
     q = tl.load(q_ptr + seq * stride_qn + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=gd_mask, other=0.0)
+    if start >= ctx:
+        return
+    end = tl.minimum(start + partition_size, ctx)
     q = q.to(k_ptr.dtype.element_ty)  # [BLOCK_G, BLOCK_D]
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    table = tables_ptr + seq.to(tl.int64) * stride_tn
     # The block ids of the next tile are loaded beside this tile's K and V, so a tile
     # costs one memory round trip, not two (block id, then the KV it names).
-    toks = start + offs_n  # [BLOCK_N]
-    blk = tl.load(table + toks // KV_BLOCK, mask=toks < end, other=0).to(tl.int64)
     for _ in range(start, end, BLOCK_N):
         t_mask = toks < end
         kv_off = (blk * stride_kb + (toks % KV_BLOCK) * stride_kt + kv_head * stride_kh)[:, None] \
@@ -301,7 +307,7 @@ def paged_decode_attention(
     block_p = max(1, min(triton.next_power_of_2(num_parts), 8192 // (block_gr * block_d)))
     _decode_kernel[(hkv, num_parts, n)](
         query, k_cache, v_cache, block_tables, context_lens, out, tickets, partials,
-        scale * _LOG2E, tuning.partition_size,
+        scale * _LOG2E, tuning.partition_size, max_blocks,
         query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, BLOCK_G=max(16, block_gr), BLOCK_GR=block_gr, HEAD_DIM=d, BLOCK_D=block_d,

@@ -77,6 +77,44 @@ def test_decode_interpreter_many_partitions(paged_cache):
     check_decode(paged_cache, lens, 4, 1, 128, 16, torch.float32, "cpu", DecodeTuning(16, 16))
 
 
+def scaled_keys(paged_cache, partition_size, factors):
+    """``paged_cache``, but the keys of partition j of every sequence scaled by ``factors[j]``
+    (so each partition's scores, and its partial's running max, live on its own scale)."""
+
+    def make(context_lens, num_kv_heads, head_dim, block_size, dtype, device="cpu"):
+        k, v, k_bad, v_bad, tables = paged_cache(context_lens, num_kv_heads, head_dim,
+                                                 block_size, dtype, device)
+        for i, ctx in enumerate(context_lens):
+            pos = torch.arange(ctx)
+            blocks = tables[i, pos // block_size].long()
+            f = torch.tensor(factors, dtype=dtype)[pos // partition_size][:, None, None]
+            for cache in (k, k_bad):
+                cache[blocks, pos % block_size] *= f
+        return k, v, k_bad, v_bad, tables
+
+    return make
+
+
+@interpreter
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("mode", ["fused", "merge_kernel"])
+def test_decode_interpreter_one_pass_merge(paged_cache, dtype, mode):
+    """Many partials (9-13 per sequence) merged in chunks of 8 (group 8, head dim 128),
+    each partition's scores on a very different scale: the partial holding the
+    largest max sits in the first chunk for one sequence, the last chunk for
+    another, and in between for a third, so the running max and the rescaling of
+    the running output and denominator all matter. Lengths not a multiple of the
+    block size, and a one-token sequence (one partial)."""
+    part = 16
+    rising = [0.05 * 1.6 ** j for j in range(13)]  # largest scores in the last partition
+    factors = [rising[j] if j % 2 else rising[-1 - j] for j in range(13)]  # and mixed
+    lens = [13 * part - 5, 9 * part + 3, 1, 11 * part]
+    for facs in (rising, rising[::-1], factors):
+        tuning = DecodeTuning(part, 16, fused_reduce=mode == "fused")
+        check_decode(scaled_keys(paged_cache, part, facs), lens, 8, 1, 128, 16, dtype, "cpu",
+                     tuning)
+
+
 @interpreter
 def test_decode_interpreter_default_tuning(paged_cache):
     check_decode(paged_cache, ragged_lens(3, 16, 300), 4, 2, 64, 16, torch.float16, "cpu")
