@@ -11,7 +11,9 @@
    decode (KV bytes/s vs torch SDPA on the same KV laid out contiguously),
    prefill (causal TFLOP/s vs SDPA flash on the same work), store_kv and
    pack/unpack (bytes/s vs the copy bandwidth). ``--sweep`` also times other
-   launch shapes and records them.
+   launch shapes and records them; ``--b1-sweep`` only the batch-1 decode, over
+   block_n 32/64, 2/4 warps, 2-4 stages and partitions of 128/256/512 tokens
+   (plus the default launch; ``best_graph`` is the fastest CUDA-graph replay).
 
 Prints a table last; writes ``kernels_h200.json`` to $OUT (if set) or bench/results.
 ``--plot bench/results/kernels_h200.json`` draws the decode sweep (no GPU needed).
@@ -206,9 +208,10 @@ def sdpa_decode_ms(q, kc, vc, scale):
 
 DECODE_SWEEP = [(64, 4, 3), (128, 4, 2)]
 # (block_n, num_warps, num_stages) x fused merge or a merge kernel x partition sizes
-B1_SWEEP = [(32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2),
-            (128, 8, 2), (128, 8, 3)]
-# --b1-sweep: the latency-bound batch-1 case over more launch shapes (fused merge only)
+B1_SWEEP = list(itertools.product((32, 64), (2, 4), (2, 3, 4))) + [(128, 4, 2)]
+B1_PARTS = (128, 256, 512)
+# --b1-sweep: the latency-bound batch-1 case over more launch shapes (fused merge only,
+# partitions of B1_PARTS tokens; the default launch is timed again among them)
 
 
 def bench_decode(name, lens, sweep, copy_bw, grid=None):
@@ -240,12 +243,19 @@ def bench_decode(name, lens, sweep, copy_bw, grid=None):
     if sweep:
         tried = []
         max_tokens = tables.shape[1] * BS
-        parts = sorted({p for p in (128, 256, 512, 1024, 2048) if p < max_tokens} | {max_tokens})
+        if grid:
+            parts = [p for p in B1_PARTS if p < max_tokens]
+        else:
+            parts = sorted({p for p in (128, 256, 512, 1024, 2048) if p < max_tokens}
+                           | {max_tokens})
         fused_opts = (True,) if grid else (True, False)
-        for (bn, w, s), fused, part in itertools.product(grid or DECODE_SWEEP, fused_opts, parts):
-            if part == max_tokens and not fused:
-                continue  # one partition: no merge at all
-            tune = DecodeTuning(part, bn, w, s, fused)
+        tunes = [DecodeTuning(part, bn, w, s, fused) for (bn, w, s), fused, part
+                 in itertools.product(grid or DECODE_SWEEP, fused_opts, parts)
+                 if part < max_tokens or fused]  # one partition: no merge at all
+        default = default_tuning(n, HKV, tables.shape[1], BS, q.device)
+        if grid and default not in tunes:
+            tunes.append(default)
+        for tune in tunes:
             run = lambda tune=tune: paged_decode_attention(q, k, v, tables, ctx, scale, out=out,
                                                            workspace=ws, tuning=tune)
             tt = ms(run, rep=30)
@@ -253,8 +263,9 @@ def bench_decode(name, lens, sweep, copy_bw, grid=None):
             with torch.cuda.graph(graph):
                 run()
             tried.append({"tuning": str(tune), "ms": tt, "tbps": kv_bytes / tt / 1e9,
-                          "graph_ms": ms(graph.replay, rep=30)})
+                          "graph_ms": ms(graph.replay, rep=30), "default": tune == default})
         row["sweep"] = sorted(tried, key=lambda r: r["ms"])
+        row["best_graph"] = min(tried, key=lambda r: r["graph_ms"])  # what a served step sees
     return row
 
 
@@ -379,14 +390,14 @@ def plot_decode_sweep(json_path: str) -> str:
     with open(json_path) as f:
         result = json.load(f)
     fig, axes = plt.subplots(1, len(result["decode"]), figsize=(4.2 * len(result["decode"]), 3.6))
-    pattern = (r"partition_size=(\d+), block_n=(\d+), num_warps=\d+, num_stages=(\d+)"
+    pattern = (r"partition_size=(\d+), block_n=(\d+), num_warps=(\d+), num_stages=(\d+)"
                r"(?:, fused_reduce=(\w+))?")
     for ax, case in zip(axes, result["decode"], strict=True):
         lines = {}
         for row in case.get("sweep", []):
-            part, bn, stages, fused = re.search(pattern, row["tuning"]).groups()
+            part, bn, warps, stages, fused = re.search(pattern, row["tuning"]).groups()
             merge = ", merge kernel" if fused == "False" else ""
-            label = f"block_n {bn}, {stages} stages{merge}"
+            label = f"block_n {bn}, {warps} warps, {stages} stages{merge}"
             lines.setdefault(label, []).append((int(part), row["ms"] * 1e3))
         for label, pts in sorted(lines.items()):
             ax.plot(*zip(*sorted(pts), strict=True), marker="o", label=label)
@@ -435,7 +446,9 @@ def main():
             print(f"  {k:44} {e:.2e} (tol {tol:.0e})")
     decode_cases = [("decode B=64 L=4096", [4096] * 64), ("decode B=1 L=4096", [4096]),
                     ("decode B=8 L=32768", [32768] * 8),
-                    ("decode ragged B=32", [random.randint(64, 8192) for _ in range(32)])]
+                    ("decode ragged B=32", [random.randint(64, 8192) for _ in range(32)]),
+                    # one partition by default (>= 3 programs per SM): the long ones run alone
+                    ("decode ragged B=64", [random.randint(64, 8192) for _ in range(64)])]
     result["decode"] = []
     for name, lens in decode_cases:
         b1 = args.b1_sweep and len(lens) == 1
@@ -474,6 +487,9 @@ def print_table(r):
             best = d["sweep"][0]
             print(f"  best swept: {best['tuning']} {best['ms']:.4f} ms {best['tbps']:.2f} TB/s"
                   f" (graph {best['graph_ms']:.4f} ms)")
+            best = d.get("best_graph", best)
+            print(f"  best swept in a graph: {best['tuning']} {best['graph_ms']:.4f} ms "
+                  f"{d['kv_bytes'] / best['graph_ms'] / 1e9:.2f} TB/s")
     for p in r["prefill"]:
         base = f"{p['sdpa_tflops']:.0f} TF SDPA" if "sdpa_tflops" in p else "-"
         ratio = f"{p['ratio_sdpa']:.2f}" if "ratio_sdpa" in p else "-"
