@@ -83,3 +83,15 @@ def block_checksums(k_cache, v_cache, block_ids):
 
         return impl(k_cache, v_cache, block_ids)
     return reference.block_checksums(k_cache, v_cache, block_ids)
+
+
+def layer_block_checksums(kv_layers, block_ids):
+    """See ``reference.layer_block_checksums``: [L, 2n] int64 on the caches' device, no host
+    sync; one launch for an engine's KV cache (evenly spaced layers of one allocation)."""
+    k0, v0 = kv_layers[0]
+    if _use_triton(k0) and all(k.is_contiguous() and v.is_contiguous() for k, v in kv_layers) \
+            and (k0[0].numel() * k0.element_size()) % 4 == 0:
+        from pdserve.kernels.triton_checksum import layer_block_checksums as impl
+
+        return impl(kv_layers, block_ids)
+    return reference.layer_block_checksums(kv_layers, block_ids)

@@ -175,6 +175,14 @@ def block_checksums(
                                     v_rows.index_select(0, block_ids)]))
 
 
+def layer_block_checksums(
+    kv_layers: list[tuple[torch.Tensor, torch.Tensor]],  # per layer (K, V) [NB, B, Hkv, D]
+    block_ids: torch.Tensor,  # [n] int64
+) -> torch.Tensor:  # [L, 2n] int64
+    """``block_checksums`` of the same blocks in every layer, stacked. Pure."""
+    return torch.stack([block_checksums(k, v, block_ids) for k, v in kv_layers])
+
+
 def checksum_rows(rows: torch.Tensor) -> torch.Tensor:
     """``block_checksums``' checksum of each row of ``[m, width]`` uint8: ``[m]`` int64 on
     its device. The words are int32 when ``width`` is a multiple of 4, else bytes. Pure."""

@@ -9,7 +9,11 @@ from pdserve.kernels import reference
 pytest.importorskip("triton")
 from kernel_checks import gpu, interpreter  # noqa: E402
 
-from pdserve.kernels.triton_checksum import block_checksums  # noqa: E402
+from pdserve.kernels.triton_checksum import (  # noqa: E402
+    block_checksums,
+    layer_block_checksums,
+    layer_stride_words,
+)
 
 
 def caches(num_blocks, bs, hkv, d, dtype, device):
@@ -50,7 +54,41 @@ def test_no_blocks_gives_an_empty_result():
     assert block_checksums(k, v, torch.zeros(0, dtype=torch.int64)).shape == (0,)
 
 
+def check_layers(num_layers, num_blocks, bs, hkv, d, dtype, device, n):
+    """One launch over an engine-shaped cache [L, 2, NB, ...] equals the reference per
+    layer; a list of separate tensors takes the per-layer path with the same result."""
+    store = torch.randn((num_layers, 2, num_blocks, bs, hkv, d), device=device).to(dtype)
+    layers = [(store[i, 0], store[i, 1]) for i in range(num_layers)]
+    ids = torch.randperm(num_blocks, device=device)[:n]
+    assert layer_stride_words(layers) == 2 * num_blocks * bs * hkv * d * store.element_size() // 4
+    got = layer_block_checksums(layers, ids)
+    assert got.shape == (num_layers, 2 * n)
+    assert torch.equal(got, reference.layer_block_checksums(layers, ids))
+    apart = [(k.clone(), v.clone()) for k, v in layers]
+    assert layer_stride_words(apart) is None
+    assert torch.equal(layer_block_checksums(apart, ids), got)
+    store[num_layers - 1, 1].view(num_blocks, -1)[ids[0], 3] += 1  # last layer, V, block 0
+    changed = (layer_block_checksums(layers, ids) != got).nonzero().tolist()
+    assert changed == [[num_layers - 1, n]]
+
+
+@interpreter
+def test_layer_checksums_interpreter():
+    check_layers(3, 7, 4, 2, 16, torch.float16, "cpu", n=4)
+
+
+@interpreter
+def test_extreme_words_interpreter():
+    """Words at the int32 extremes (the split into 16-bit halves must stay exact)."""
+    k = torch.tensor([-2**31, 2**31 - 1, -1, 0, 65535, -65536, 12345678, -7] * 8,
+                     dtype=torch.int32).view(2, 4, 1, 8)
+    v = torch.flip(k, [0])
+    ids = torch.tensor([1, 0])
+    assert torch.equal(block_checksums(k, v, ids), reference.block_checksums(k, v, ids))
+
+
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_checksum_gpu(dtype):
     check(1024, 16, 8, 128, dtype, "cuda", n=256)
+    check_layers(32, 512, 16, 8, 128, dtype, "cuda", n=256)

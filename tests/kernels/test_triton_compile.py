@@ -88,7 +88,8 @@ else:
                               DST_BY_ID=dst_by_id), 4, 1)
     compile_for_sm90(triton_checksum._checksum_kernel,
                      dict(k_ptr="*i32", v_ptr="*i32", ids_ptr="*i64", out_ptr="*i64"),
-                     dict(P=(1 << 31) - 1, CHUNK=8192, TILE=2048), 4, 1)
+                     dict(P=(1 << 31) - 1, CHUNK=8192, TILE=2048, W_MUL=triton_checksum._W_MUL,
+                          W_ADD=triton_checksum._W_ADD, W_MOD=triton_checksum._W_MOD), 4, 1)
 print("compiled", case)
 '''
 
