@@ -75,6 +75,15 @@ def copy_blocks(src_k, src_v, src_ids, dst_k, dst_v, dst_ids) -> None:
     impl(src_k, src_v, src_ids, dst_k, dst_v, dst_ids)
 
 
+def copy_blocks_layers(src_layers, src_ids, dst_layers, dst_ids) -> None:
+    """See ``reference.copy_blocks_layers``. Mutates the dst caches."""
+    if _use_triton(src_layers[0][0]):
+        from pdserve.kernels.triton_blocks import copy_blocks_layers as impl
+    else:
+        impl = reference.copy_blocks_layers
+    impl(src_layers, src_ids, dst_layers, dst_ids)
+
+
 def block_checksums(k_cache, v_cache, block_ids):
     """See ``reference.block_checksums``: [2n] int64 on the caches' device, no host sync."""
     if _use_triton(k_cache) and k_cache.is_contiguous() and v_cache.is_contiguous() \

@@ -150,6 +150,17 @@ def copy_blocks(
     dst_v.index_copy_(0, dst_ids.long(), src_v.index_select(0, src_ids.long()))
 
 
+def copy_blocks_layers(
+    src_layers: list[tuple[torch.Tensor, torch.Tensor]],  # per layer (K, V) [NB_src, ...]
+    src_ids: torch.Tensor,  # [n] int64
+    dst_layers: list[tuple[torch.Tensor, torch.Tensor]],  # per layer (K, V), mutated
+    dst_ids: torch.Tensor,  # [n] int64, no repeats
+) -> None:
+    """``copy_blocks`` in every layer. Mutates the dst caches."""
+    for (sk, sv), (dk, dv) in zip(src_layers, dst_layers, strict=True):
+        copy_blocks(sk, sv, src_ids, dk, dv, dst_ids)
+
+
 WSUM_P = (1 << 31) - 1  # the checksum's prime modulus
 WSUM_CHUNK = 1 << 14  # words per inner sum: |x * w| < 2**46, 2**14 of them < 2**60
 

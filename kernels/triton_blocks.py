@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from pdserve.kernels import reference
+from pdserve.kernels.layers import spanning_view, uniform_layer_stride
 
 _INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -28,12 +29,13 @@ _INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 @triton.jit
 def _copy_blocks_kernel(
     src_k_ptr, src_v_ptr, dst_k_ptr, dst_v_ptr, src_ids_ptr, dst_ids_ptr, num_ids,
-    src_block_stride, dst_block_stride,
+    src_block_stride, dst_block_stride, src_layer_stride, dst_layer_stride,
     BLOCK_NUMEL: tl.constexpr, CHUNK: tl.constexpr, SRC_BY_ID: tl.constexpr,
     DST_BY_ID: tl.constexpr,
 ):
     """Block ``i`` goes from src block ``src_ids[i]`` (or ``i``, a packed buffer) to dst
-    block ``dst_ids[i]`` (or ``i``)."""
+    block ``dst_ids[i]`` (or ``i``), in layer ``program_id(1)`` (layers a fixed number of
+    elements apart on each side)."""
     num_chunks: tl.constexpr = (BLOCK_NUMEL + CHUNK - 1) // CHUNK
     pid = tl.program_id(0)
     chunk = pid % num_chunks
@@ -46,8 +48,9 @@ def _copy_blocks_kernel(
         src_blk = tl.load(src_ids_ptr + i).to(tl.int64)
     if DST_BY_ID:
         dst_blk = tl.load(dst_ids_ptr + i).to(tl.int64)
-    src = src_blk * src_block_stride
-    dst = dst_blk * dst_block_stride
+    layer = tl.program_id(1).to(tl.int64)
+    src = layer * src_layer_stride + src_blk * src_block_stride
+    dst = layer * dst_layer_stride + dst_blk * dst_block_stride
     offs = chunk * CHUNK + tl.arange(0, CHUNK)
     mask = offs < BLOCK_NUMEL
     if kv == 0:
@@ -68,16 +71,25 @@ def _as_int(t: torch.Tensor) -> torch.Tensor:
 
 
 def _launch(src_k, src_v, dst_k, dst_v, src_ids, dst_ids, src_stride, dst_stride,
-            block_numel):
-    """``src_ids``/``dst_ids``: [n] block ids, or None for a packed buffer's order."""
+            block_numel, num_layers=1, src_layer_stride=0, dst_layer_stride=0):
+    """``src_ids``/``dst_ids``: [n] block ids, or None for a packed buffer's order.
+    Strides in elements; layers after the first lie ``*_layer_stride`` further on."""
     ids = src_ids if src_ids is not None else dst_ids
     n = ids.numel()
     chunk = min(triton.next_power_of_2(block_numel), 4096)
-    grid = (2 * n * triton.cdiv(block_numel, chunk),)
+    grid = (2 * n * triton.cdiv(block_numel, chunk), num_layers)
+    width = _INT_OF_WIDTH[src_k.element_size()]
+    if num_layers > 1:  # hand the kernel views spanning every layer it steps to
+        size = src_k.element_size()
+        src_k, src_v = (spanning_view(t, num_layers, src_layer_stride * size, width)
+                        for t in (src_k, src_v))
+        dst_k, dst_v = (spanning_view(t, num_layers, dst_layer_stride * size, width)
+                        for t in (dst_k, dst_v))
     _copy_blocks_kernel[grid](
         _as_int(src_k), _as_int(src_v), _as_int(dst_k), _as_int(dst_v),
         ids if src_ids is None else src_ids, ids if dst_ids is None else dst_ids, n,
-        src_stride, dst_stride, BLOCK_NUMEL=block_numel, CHUNK=chunk,
+        src_stride, dst_stride, src_layer_stride, dst_layer_stride,
+        BLOCK_NUMEL=block_numel, CHUNK=chunk,
         SRC_BY_ID=src_ids is not None, DST_BY_ID=dst_ids is not None, num_warps=4,
     )
 
@@ -147,4 +159,34 @@ def copy_blocks(
             src_k.stride(0), dst_k.stride(0), src_k[0].numel())
 
 
-__all__ = ["pack_blocks", "unpack_blocks", "copy_blocks"]
+def copy_blocks_layers(
+    src_layers: list[tuple[torch.Tensor, torch.Tensor]],  # per layer (K, V) [NB_src, ...]
+    src_ids: torch.Tensor,  # [n] int64
+    dst_layers: list[tuple[torch.Tensor, torch.Tensor]],  # per layer (K, V), mutated
+    dst_ids: torch.Tensor,  # [n] int64, no repeats
+) -> None:
+    """``copy_blocks`` in every layer: one launch when each side's layers are evenly
+    spaced views of one allocation (``layers.uniform_layer_stride``), one per layer
+    otherwise. Mutates the dst caches; no host sync."""
+    src_stride, dst_stride = uniform_layer_stride(src_layers), uniform_layer_stride(dst_layers)
+    sk, sv = src_layers[0]
+    dk, dv = dst_layers[0]
+    usable = (src_stride is not None and dst_stride is not None
+              and len(src_layers) == len(dst_layers)
+              and all(_blocks_contiguous(c) for c in (sk, sv, dk, dv))
+              and len({c.dtype for c in (sk, sv, dk, dv)}) == 1
+              and tuple(sk.shape[1:]) == tuple(dk.shape[1:])
+              and src_stride % sk.element_size() == 0 and dst_stride % sk.element_size() == 0)
+    if not usable:
+        for (sk, sv), (dk, dv) in zip(src_layers, dst_layers, strict=True):
+            copy_blocks(sk, sv, src_ids, dk, dv, dst_ids)
+        return
+    if src_ids.numel() == 0:
+        return
+    size = sk.element_size()
+    _launch(sk, sv, dk, dv, src_ids.reshape(-1), dst_ids.reshape(-1), sk.stride(0),
+            dk.stride(0), sk[0].numel(), len(src_layers), src_stride // size,
+            dst_stride // size)
+
+
+__all__ = ["pack_blocks", "unpack_blocks", "copy_blocks", "copy_blocks_layers"]

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.kernels.layers import spanning_view, uniform_layer_stride
 from pdserve.kernels.reference import WSUM_CHUNK, WSUM_P
 
 # The word weights w_i = (i * 0x9E3779B1 + 0x7F4A7C15) mod 32749 + 1 in int32: reducing
@@ -59,10 +60,6 @@ def _checksum_kernel(k_ptr, v_ptr, ids_ptr, out_ptr, num_ids, block_words, layer
     tl.store(out_ptr + layer * tl.num_programs(0) + pid + tl.arange(0, 1), total)
 
 
-def _words(cache: torch.Tensor) -> torch.Tensor:
-    return cache.reshape(-1).view(torch.uint8).view(torch.int32)
-
-
 def _launch(k0: torch.Tensor, v0: torch.Tensor, block_ids: torch.Tensor, num_layers: int,
             layer_words: int, tile: int) -> torch.Tensor:
     """Checksums of ``block_ids`` in ``num_layers`` layers ``layer_words`` int32 words
@@ -74,11 +71,8 @@ def _launch(k0: torch.Tensor, v0: torch.Tensor, block_ids: torch.Tensor, num_lay
         return out
     assert block_bytes % 4 == 0 and k0.is_contiguous() and v0.is_contiguous()
     chunk = min(WSUM_CHUNK, block_bytes // 4)
-    # the kernel reads layer l at k0 + l * layer_words: hand it words from k0 on, as far
-    # as the last layer reaches (views of one allocation)
-    span = (num_layers - 1) * layer_words + k0.numel() * k0.element_size() // 4
-    k_words = torch.as_strided(_words(k0[:1]), (span,), (1,))
-    v_words = torch.as_strided(_words(v0[:1]), (span,), (1,))
+    k_words = spanning_view(k0, num_layers, 4 * layer_words, torch.int32)
+    v_words = spanning_view(v0, num_layers, 4 * layer_words, torch.int32)
     _checksum_kernel[(2 * n, num_layers)](
         k_words, v_words, block_ids, out, n, block_bytes // 4, layer_words,
         P=WSUM_P, CHUNK=chunk, TILE=min(tile, triton.next_power_of_2(chunk)),
@@ -92,30 +86,12 @@ def block_checksums(k_cache: torch.Tensor, v_cache: torch.Tensor,
     return _launch(k_cache, v_cache, block_ids, 1, 0, tile)[0]
 
 
-def layer_stride_words(kv_layers: list[tuple[torch.Tensor, torch.Tensor]]) -> int | None:
-    """The int32-word distance between consecutive layers if every layer's K and V sit
-    that far after the previous one's in one allocation (the engine's KV cache), else
-    None. Pure."""
-    k0, v0 = kv_layers[0]
-    if len(kv_layers) == 1:
-        return 0
-    step = kv_layers[1][0].data_ptr() - k0.data_ptr()
-    for i, (k, v) in enumerate(kv_layers):
-        same = (k.untyped_storage().data_ptr() == k0.untyped_storage().data_ptr()
-                and v.untyped_storage().data_ptr() == v0.untyped_storage().data_ptr())
-        if (not same or k.data_ptr() - k0.data_ptr() != i * step
-                or v.data_ptr() - v0.data_ptr() != i * step or not k.is_contiguous()
-                or not v.is_contiguous() or k.shape != k0.shape or k.dtype != k0.dtype):
-            return None
-    return step // 4 if step > 0 and step % 4 == 0 else None
-
-
 def layer_block_checksums(kv_layers: list[tuple[torch.Tensor, torch.Tensor]],
                           block_ids: torch.Tensor, tile: int = 2048) -> torch.Tensor:
     """``block_checksums`` of every layer, ``[L, 2n]`` int64: one launch when the layers
     are evenly spaced views of one allocation, one per layer otherwise. Pure; no sync."""
-    stride = layer_stride_words(kv_layers)
-    if stride is None:
+    stride = uniform_layer_stride(kv_layers)
+    if stride is None or stride % 4:
         return torch.stack([block_checksums(k, v, block_ids, tile) for k, v in kv_layers])
     k0, v0 = kv_layers[0]
-    return _launch(k0, v0, block_ids, len(kv_layers), stride, tile)
+    return _launch(k0, v0, block_ids, len(kv_layers), stride // 4, tile)

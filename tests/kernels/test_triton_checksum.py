@@ -9,11 +9,8 @@ from pdserve.kernels import reference
 pytest.importorskip("triton")
 from kernel_checks import gpu, interpreter  # noqa: E402
 
-from pdserve.kernels.triton_checksum import (  # noqa: E402
-    block_checksums,
-    layer_block_checksums,
-    layer_stride_words,
-)
+from pdserve.kernels.layers import uniform_layer_stride  # noqa: E402
+from pdserve.kernels.triton_checksum import block_checksums, layer_block_checksums  # noqa: E402
 
 
 def caches(num_blocks, bs, hkv, d, dtype, device):
@@ -60,12 +57,12 @@ def check_layers(num_layers, num_blocks, bs, hkv, d, dtype, device, n):
     store = torch.randn((num_layers, 2, num_blocks, bs, hkv, d), device=device).to(dtype)
     layers = [(store[i, 0], store[i, 1]) for i in range(num_layers)]
     ids = torch.randperm(num_blocks, device=device)[:n]
-    assert layer_stride_words(layers) == 2 * num_blocks * bs * hkv * d * store.element_size() // 4
+    assert uniform_layer_stride(layers) == 2 * num_blocks * bs * hkv * d * store.element_size()
     got = layer_block_checksums(layers, ids)
     assert got.shape == (num_layers, 2 * n)
     assert torch.equal(got, reference.layer_block_checksums(layers, ids))
     apart = [(k.clone(), v.clone()) for k, v in layers]
-    assert layer_stride_words(apart) is None
+    assert uniform_layer_stride(apart) is None
     assert torch.equal(layer_block_checksums(apart, ids), got)
     store[num_layers - 1, 1].view(num_blocks, -1)[ids[0], 3] += 1  # last layer, V, block 0
     changed = (layer_block_checksums(layers, ids) != got).nonzero().tolist()

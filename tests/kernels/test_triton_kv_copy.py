@@ -12,7 +12,12 @@ from pdserve.kernels import reference
 pytest.importorskip("triton")
 from kernel_checks import INTERPRET, gpu, interpreter  # noqa: E402,F401
 
-from pdserve.kernels.triton_blocks import copy_blocks, pack_blocks, unpack_blocks  # noqa: E402
+from pdserve.kernels.triton_blocks import (  # noqa: E402
+    copy_blocks,
+    copy_blocks_layers,
+    pack_blocks,
+    unpack_blocks,
+)
 from pdserve.kernels.triton_store import store_kv  # noqa: E402
 
 
@@ -89,6 +94,36 @@ def check_copy_blocks(src_blocks, dst_blocks, n, bs, hkv, d, dtype, device):
     assert bool(dst_k[untouched].isnan().all()) and bool(dst_v[untouched].isnan().all())
 
 
+def check_copy_layers(num_layers, src_blocks, dst_blocks, n, bs, hkv, d, dtype, device):
+    """Engine-shaped caches [L, 2, NB, ...] on both sides (one launch), and per-layer
+    tensors (one launch per layer): both equal the reference; nothing else changes."""
+    src = torch.randn((num_layers, 2, src_blocks, bs, hkv, d), device=device).to(dtype)
+    dst = torch.full((num_layers, 2, dst_blocks, bs, hkv, d), float("nan"),
+                     device=device).to(dtype)
+    src_layers = [(src[i, 0], src[i, 1]) for i in range(num_layers)]
+    src_ids = torch.randperm(src_blocks, device=device)[:n]
+    dst_ids = torch.randperm(dst_blocks, device=device)[:n]
+    want = dst.clone()
+    reference.copy_blocks_layers(src_layers, src_ids, [(want[i, 0], want[i, 1])
+                                                       for i in range(num_layers)], dst_ids)
+    copy_blocks_layers(src_layers, src_ids, [(dst[i, 0], dst[i, 1])
+                                             for i in range(num_layers)], dst_ids)
+    assert_same(dst, want)
+    assert_same(dst[:, :, dst_ids.long()], src[:, :, src_ids.long()])
+    apart = [(torch.full_like(src[0, 0, :1].expand(dst_blocks, -1, -1, -1), float("nan")),
+              torch.full_like(src[0, 0, :1].expand(dst_blocks, -1, -1, -1), float("nan")))
+             for _ in range(num_layers)]
+    copy_blocks_layers(src_layers, src_ids, apart, dst_ids)
+    for i, (k, v) in enumerate(apart):
+        assert_same(k, want[i, 0])
+        assert_same(v, want[i, 1])
+
+
+@interpreter
+def test_copy_blocks_layers_interpreter():
+    check_copy_layers(3, 9, 12, 5, 16, 2, 32, torch.bfloat16, "cpu")
+
+
 @interpreter
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.bfloat16])
 def test_copy_blocks_interpreter(dtype):
@@ -137,3 +172,4 @@ def test_pack_unpack_gpu(dtype, layout):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_copy_blocks_gpu(dtype):
     check_copy_blocks(3000, 2500, 1000, 16, 8, 128, dtype, "cuda")
+    check_copy_layers(32, 600, 500, 256, 16, 8, 128, dtype, "cuda")
