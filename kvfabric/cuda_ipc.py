@@ -7,9 +7,11 @@ side's KV memory, mapped into its own process by CUDA IPC (workers on one host).
                                                  send_layer: copy_blocks(src ids -> dst ids)
                                                    + block checksums of the src blocks,
                                                    both on the caller's stream, no host sync
+                                                 (send_layers: every layer, one launch each)
                             <--FINISH----------  finish: wait for the copies, then FINISH
     check every layer's digests on the           whose aux carries every layer's digests
-    dst blocks (one sync), count all layers      (sealed with the header and payload)
+    dst blocks (one launch, compared on the      (sealed with the header and payload)
+    GPU, one sync), count all layers
 
 No frame travels per layer: a layer is one copy kernel (read + write of its
 blocks at device copy speed), so the whole prompt's KV moves in well under a
@@ -30,14 +32,14 @@ import socket
 from dataclasses import dataclass, field
 from functools import cache
 
+import numpy as np
 import torch
 
 from pdserve.kernels import copy_blocks
-from pdserve.kernels.ops import block_checksums
+from pdserve.kernels.ops import block_checksums, copy_blocks_layers, layer_block_checksums
 from pdserve.kvfabric.descriptors import FabricIdentity, TransferPlan
-from pdserve.kvfabric.digests import ALGO_WSUM, BlockDigests
+from pdserve.kvfabric.digests import ALGO_WSUM
 from pdserve.kvfabric.errors import FabricHandshakeError, FabricTransportUnavailable
-from pdserve.kvfabric.faults import flip_digest
 from pdserve.kvfabric.frames import IpcStorage, Welcome
 from pdserve.kvfabric.layout import torch_dtype
 from pdserve.kvfabric.transport import LayerWire, ReceiverPath, SenderPath, Transport
@@ -105,7 +107,8 @@ class _Outgoing:
     src_ids: torch.Tensor
     dst_ids: torch.Tensor
     events: list = field(default_factory=list)
-    sums: dict[int, torch.Tensor] = field(default_factory=dict)
+    sums: dict[int, torch.Tensor] = field(default_factory=dict)  # per layer [2n]
+    all_sums: torch.Tensor | None = None  # [L, 2n], from send_layers
     corrupt: dict[int, int] = field(default_factory=dict)  # layer -> block (fault knob)
 
 
@@ -161,25 +164,43 @@ class CudaIpcSenderPath(SenderPath):
                    v_cache: torch.Tensor, wire: LayerWire) -> int:
         """Launch the copy of the layer's blocks and their checksums on the current stream;
         returns at once. The src blocks must stay unchanged until ``wait_writes``."""
+        out = self._outgoing_for(plan, k_cache.device)
+        rk, rv = self._layers[layer_idx]
+        copy_blocks(k_cache, v_cache, out.src_ids, rk, rv, out.dst_ids)
+        out.sums[layer_idx] = block_checksums(k_cache, v_cache, out.src_ids)
+        self._after_launch(out, plan, [layer_idx], wire)
+        return 2 * plan.num_blocks * self.identity.bytes_per_block
+
+    def send_layers(self, plan: TransferPlan, kv_layers: list[tuple[torch.Tensor, torch.Tensor]],
+                    wire: LayerWire) -> int:
+        """Every layer at once (KV computed earlier): one copy launch and one checksum
+        launch for an engine's KV cache. Same contract as ``send_layer``."""
+        out = self._outgoing_for(plan, kv_layers[0][0].device)
+        copy_blocks_layers(kv_layers, out.src_ids, self._layers, out.dst_ids)
+        out.all_sums = layer_block_checksums(kv_layers, out.src_ids)
+        self._after_launch(out, plan, list(range(len(kv_layers))), wire)
+        return 2 * plan.num_blocks * self.identity.bytes_per_block * len(kv_layers)
+
+    def _outgoing_for(self, plan: TransferPlan, device: torch.device) -> "_Outgoing":
         if max(plan.dst_block_ids) >= self._num_blocks:
             raise ValueError(f"plan {plan.transfer_id}: dst block {max(plan.dst_block_ids)} "
                              f">= receiver's {self._num_blocks} blocks")
         out = self._outgoing.get(plan.transfer_id)
         if out is None:
-            dev = k_cache.device
             out = self._outgoing[plan.transfer_id] = _Outgoing(
-                torch.tensor(plan.src_block_ids, dtype=torch.int64).to(dev, non_blocking=True),
-                torch.tensor(plan.dst_block_ids, dtype=torch.int64).to(dev, non_blocking=True))
-        rk, rv = self._layers[layer_idx]
-        copy_blocks(k_cache, v_cache, out.src_ids, rk, rv, out.dst_ids)
-        out.sums[layer_idx] = block_checksums(k_cache, v_cache, out.src_ids)
-        bad = wire.block_to_corrupt(plan, layer_idx)
-        if bad is not None:  # the knob: the copy reads the cache itself, so lie in the digest
-            out.corrupt[layer_idx] = bad
+                torch.tensor(plan.src_block_ids, dtype=torch.int64).to(device),
+                torch.tensor(plan.dst_block_ids, dtype=torch.int64).to(device))
+        return out
+
+    def _after_launch(self, out: "_Outgoing", plan: TransferPlan, layers: list[int],
+                      wire: LayerWire) -> None:
+        for layer in layers:
+            bad = wire.block_to_corrupt(plan, layer)
+            if bad is not None:  # the knob: the copy reads the cache itself, so lie in the digest
+                out.corrupt[layer] = bad
         event = torch.cuda.Event()
         event.record()
         out.events.append(event)
-        return 2 * plan.num_blocks * self.identity.bytes_per_block
 
     def take_writes(self, transfer_id: str) -> list:
         out = self._outgoing.pop(transfer_id, None)
@@ -190,23 +211,23 @@ class CudaIpcSenderPath(SenderPath):
             for event in out.events:
                 event.synchronize()
 
-    def finish_digests(self, plan: TransferPlan, writes: list) -> list[BlockDigests]:
-        """Every layer's src block digests (layer order), once ``writes`` are waited for.
-        Raises ValueError if a layer was not sent. Pure but for one device-to-host copy."""
-        if plan.num_blocks == 0:
-            return [BlockDigests(ALGO_WSUM, ()) for _ in range(plan.num_layers)]
-        sums = writes[0].sums if writes else {}
-        missing = [i for i in range(plan.num_layers) if i not in sums]
-        if missing:
-            raise ValueError(f"transfer {plan.transfer_id}: finish before layers {missing} "
-                             f"were sent")
-        flat = torch.cat([sums[i] for i in range(plan.num_layers)]).tolist()
-        per = 2 * plan.num_blocks
-        layers = [BlockDigests(ALGO_WSUM, tuple(flat[i * per:(i + 1) * per]))
-                  for i in range(plan.num_layers)]
-        for layer, bad in writes[0].corrupt.items():
-            layers[layer] = flip_digest(layers[layer], bad)
-        return layers
+    def finish_digests(self, plan: TransferPlan, writes: list) -> tuple[int, np.ndarray]:
+        """(ALGO_WSUM, ``[num_layers, 2n]``) src block digests, once ``writes`` are waited
+        for; no digests at all when a layer was not sent (the receiver then fails the
+        transfer naming the count). One device-to-host copy."""
+        out = writes[0] if writes else None
+        if plan.num_blocks == 0 or out is None:
+            return ALGO_WSUM, np.zeros((0,), dtype=np.uint32)
+        if out.all_sums is not None:
+            sums = out.all_sums
+        elif len(out.sums) == plan.num_layers:
+            sums = torch.stack([out.sums[i] for i in range(plan.num_layers)])
+        else:
+            return ALGO_WSUM, np.zeros((0,), dtype=np.uint32)
+        values = sums.cpu().numpy().astype(np.uint32)  # [L, 2n], each < 2**31
+        for layer, bad in out.corrupt.items():
+            values[layer, bad] ^= 1
+        return ALGO_WSUM, values
 
     def close(self) -> None:
         self.drain_writes({k: [v] for k, v in self._outgoing.items()})

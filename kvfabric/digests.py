@@ -40,6 +40,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pdserve.kernels.ops import block_checksums
@@ -105,17 +106,6 @@ def cache_block_digests(algo: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
     return block_digests(algo, rows)  # [2n, bytes_per_block]
 
 
-def all_layer_digests(algo: int, kv_layers: list[tuple[torch.Tensor, torch.Tensor]],
-                      block_ids: torch.Tensor) -> list[BlockDigests]:
-    """``cache_block_digests`` of every layer, with one host sync on a GPU. Pure."""
-    if algo == ALGO_WSUM and block_ids.numel() and kv_layers[0][0].device.type != "cpu":
-        n2 = 2 * block_ids.numel()
-        flat = torch.cat([block_checksums(k, v, block_ids) for k, v in kv_layers]).tolist()
-        return [BlockDigests(algo, tuple(flat[i * n2:(i + 1) * n2]))
-                for i in range(len(kv_layers))]
-    return [cache_block_digests(algo, k, v, block_ids) for k, v in kv_layers]
-
-
 def _crc32_rows(blocks: torch.Tensor) -> tuple[int, ...]:
     rows = blocks.contiguous().cpu()  # no copy for CPU tensors
     mv, width = memoryview(rows.numpy()).cast("B"), rows.shape[1]
@@ -167,34 +157,38 @@ def decode_layer_aux(key: bytes, header: bytes, aux: bytes) -> BlockDigests:
     return BlockDigests(algo, struct.unpack_from(f"<{count}I", body, _AUX.size))
 
 
-def finish_aux_size(num_layers: int, num_blocks: int) -> int:
-    """Bytes of a FINISH aux section that carries every layer's digests. Pure."""
-    return layer_aux_size(num_layers * num_blocks)
+def finish_aux_size(num_digests: int) -> int:
+    """Bytes of a FINISH aux section that carries ``num_digests`` block digests. Pure."""
+    return _AUX.size + 4 * num_digests + MAC_SIZE
 
 
-def encode_finish_aux(key: bytes, header: bytes, payload: bytes,
-                      layers: list[BlockDigests]) -> bytes:
-    """The aux section of a FINISH frame carrying ``layers``' digests (layer order),
-    sealed with the header bytes and the payload. Pure."""
-    algos = {d.algo for d in layers}
-    if len(algos) > 1:
-        raise ValueError(f"layers digested with different algorithms {sorted(algos)}")
-    values = [v for d in layers for v in d.values]
-    return encode_layer_aux(key, header + payload,
-                            BlockDigests(algos.pop() if algos else ALGO_WSUM, tuple(values)))
+def encode_finish_aux(key: bytes, header: bytes, payload: bytes, algo: int,
+                      values: np.ndarray) -> bytes:
+    """The aux section of a FINISH frame carrying every layer's digests: ``values`` is
+    ``[num_layers, 2n]`` (any integer dtype, values < 2**32), layer order; sealed with the
+    header bytes and the payload. The LAYER aux format, built without Python ints. Pure."""
+    flat = np.ascontiguousarray(values, dtype="<u4").reshape(-1)
+    body = _AUX.pack(algo, flat.size) + flat.tobytes()
+    return body + _mac(key, header + payload, body)
 
 
 def decode_finish_aux(key: bytes, header: bytes, payload: bytes, aux: bytes,
-                      num_layers: int) -> list[BlockDigests]:
-    """Check the seal of a digest-carrying FINISH aux and split it into ``num_layers``
-    equal parts (layer order). Raises DigestError. Pure."""
-    flat = decode_layer_aux(key, header + payload, aux)
-    if len(flat.values) % num_layers:
-        raise DigestError(f"{len(flat.values)} block digests do not split into "
-                          f"{num_layers} layers")
-    per = len(flat.values) // num_layers
-    return [BlockDigests(flat.algo, flat.values[i * per:(i + 1) * per])
-            for i in range(num_layers)]
+                      num_layers: int) -> tuple[int, np.ndarray]:
+    """Check the seal of a digest-carrying FINISH aux: (algorithm, ``[num_layers, m]``
+    uint32 digests). Raises DigestError. Pure."""
+    if len(aux) < _AUX.size + MAC_SIZE:
+        raise DigestError(f"digest section of {len(aux)} bytes is too short")
+    body, mac = aux[:-MAC_SIZE], aux[-MAC_SIZE:]
+    if not hmac.compare_digest(mac, _mac(key, header + payload, body)):
+        raise DigestError("digest seal does not match the frame (replayed, rewritten or "
+                          "corrupted header, payload or digests)")
+    algo, count = _AUX.unpack_from(body)
+    if algo not in ALGO_NAMES or len(body) != _AUX.size + 4 * count:
+        raise DigestError(f"bad digest section (algorithm {algo}, {count} digests)")
+    if count % num_layers:
+        raise DigestError(f"{count} block digests do not split into {num_layers} layers")
+    values = np.frombuffer(body, dtype="<u4", offset=_AUX.size, count=count)
+    return algo, values.reshape(num_layers, -1)
 
 
 def finish_mac(key: bytes, header: bytes, payload: bytes | memoryview) -> bytes:

@@ -18,13 +18,15 @@ import socket
 import threading
 import time
 
+import numpy as np
 import torch
 
+from pdserve.kernels.ops import layer_block_checksums
 from pdserve.kvfabric.descriptors import FabricIdentity, TransferPlan
 from pdserve.kvfabric.digests import (
     ALGO_NAMES,
+    ALGO_WSUM,
     DigestError,
-    all_layer_digests,
     as_block_rows,
     block_digests,
     cache_block_digests,
@@ -260,30 +262,34 @@ class KVReceiver:
 
     def _finish_digest_error(self, h: FrameHeader, aux: bytes, payload: bytes) -> str | None:
         """Why a digest-carrying FINISH does not vouch for what landed, or None: its seal,
-        then every layer's digests against the dst blocks (one pass, one host sync)."""
+        then every layer's digests against the dst blocks (one checksum launch for the
+        engine's cache, compared on its device; one host sync)."""
         t = self._table.lookup(h)
         if t is None:
             return None  # finish_arrived drops or fails it with the reason
         plan = t.plan
         try:
-            sent = decode_finish_aux(self._mac_key, encode_raw_header(h), payload, aux,
-                                     plan.num_layers)
+            algo, sent = decode_finish_aux(self._mac_key, encode_raw_header(h), payload, aux,
+                                           plan.num_layers)
         except DigestError as e:
             return f"finish frame: {e}"
         n = plan.num_blocks
-        if any(len(d.values) != 2 * n for d in sent):
-            return (f"finish frame carries {sum(len(d.values) for d in sent)} block digests, "
-                    f"expected {2 * n * plan.num_layers}")
+        if sent.shape[1] != 2 * n:
+            return (f"finish frame carries {sent.size} block digests, expected "
+                    f"{2 * n * plan.num_layers}")
         if n == 0:
             return None
-        landed = all_layer_digests(sent[0].algo, self._kv_layers, t.dst_index)
-        for layer, (want, got) in enumerate(zip(sent, landed, strict=True)):
-            bad = want.first_mismatch(got)
-            if bad is not None:
-                half = "K" if bad < n else "V"
-                return (f"digest mismatch in layer {layer}, block {bad} ({half} of dst block "
-                        f"{plan.dst_block_ids[bad % n]}, {ALGO_NAMES[want.algo]})")
-        return None
+        if algo != ALGO_WSUM:
+            return f"finish frame digests use {ALGO_NAMES[algo]}, expected wsum"
+        landed = layer_block_checksums(self._kv_layers, t.dst_index)  # [L, 2n] int64
+        want = torch.from_numpy(sent.astype(np.int64)).to(landed.device)
+        wrong = (landed != want).flatten().nonzero()
+        if wrong.numel() == 0:
+            return None
+        layer, bad = divmod(int(wrong[0]), 2 * n)
+        half = "K" if bad < n else "V"
+        return (f"digest mismatch in layer {layer}, block {bad} ({half} of dst block "
+                f"{plan.dst_block_ids[bad % n]}, {ALGO_NAMES[algo]})")
 
     def _serve(self, conn: _Conn) -> None:
         try:

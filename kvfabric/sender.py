@@ -150,6 +150,25 @@ class KVSender:
         self.bytes_sent += nbytes
         return nbytes
 
+    def send_layers(self, plan: TransferPlan,
+                    kv_layers: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+        """Send every layer of a plan whose KV is already complete (``send_layer`` for
+        each, or fewer launches where the path can: cuda_ipc). Same contract."""
+        if len(kv_layers) != plan.num_layers:
+            raise ValueError(f"{len(kv_layers)} KV layers for a plan of {plan.num_layers}")
+        for k, _ in kv_layers:
+            self._check_plan(plan, k)
+        if plan.num_blocks == 0:
+            return 0
+        with self._state_lock:
+            self._check_usable(plan)
+            if self._path.one_sided:
+                nbytes = self._path.send_layers(plan, kv_layers, self._wire)
+        if not self._path.one_sided:
+            nbytes = self._path.send_layers(plan, kv_layers, self._wire)
+        self.bytes_sent += nbytes
+        return nbytes
+
     def finish(self, plan: TransferPlan, payload: bytes = b"") -> None:
         """Send the completion frame carrying ``payload`` (small, opaque) after every layer.
 
@@ -160,10 +179,10 @@ class KVSender:
         writes = self._take_writes(plan)
         self._path.wait_writes(writes)
         if self._path.digests_at_finish:  # the layers left no frames: their digests go here
-            layers = self._path.finish_digests(plan, writes)
-            header = encode_header(FINISH, len(payload), plan, aux_nbytes=finish_aux_size(
-                plan.num_layers, plan.num_blocks))
-            aux = encode_finish_aux(self._mac_key, header, bytes(payload), layers)
+            algo, values = self._path.finish_digests(plan, writes)
+            header = encode_header(FINISH, len(payload), plan,
+                                   aux_nbytes=finish_aux_size(values.size))
+            aux = encode_finish_aux(self._mac_key, header, bytes(payload), algo, values)
         else:
             header = encode_header(FINISH, len(payload), plan, aux_nbytes=MAC_SIZE)
             aux = finish_mac(self._mac_key, header, payload)

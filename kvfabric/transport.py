@@ -21,6 +21,7 @@ object to several ``KVSender``s to share one NIXL agent and registration.
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from pdserve.kvfabric.descriptors import FabricIdentity, TransferPlan
@@ -84,9 +85,15 @@ class SenderPath:
         """Remove and return the writes still in flight for a transfer."""
         return []
 
-    def finish_digests(self, plan: TransferPlan, writes: list) -> list[BlockDigests]:
-        """``digests_at_finish`` paths: every layer's block digests, from the transfer's
-        ``writes`` after ``wait_writes``. Raises ValueError if a layer was not sent."""
+    def send_layers(self, plan: TransferPlan, kv_layers: list[tuple[torch.Tensor, torch.Tensor]],
+                    wire: LayerWire) -> int:
+        """Every layer of the plan (KV computed earlier); returns the KV bytes moved.
+        Layer by layer unless the path can do better."""
+        return sum(self.send_layer(plan, i, k, v, wire) for i, (k, v) in enumerate(kv_layers))
+
+    def finish_digests(self, plan: TransferPlan, writes: list) -> tuple[int, np.ndarray]:
+        """``digests_at_finish`` paths: (algorithm, ``[num_layers, 2n]`` digests) of the
+        transfer's ``writes`` after ``wait_writes``; empty when a layer was not sent."""
         raise NotImplementedError
 
     def wait_writes(self, writes: list) -> None:

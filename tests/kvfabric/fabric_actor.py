@@ -172,6 +172,10 @@ class _Child:
         plan = plan_from_wire(plan)
         return sum(self.senders[name].send_layer(plan, i, *self.layers()[i]) for i in layer_ids)
 
+    def send_all(self, name, plan):
+        """Every layer in one ``send_layers`` call."""
+        return self.senders[name].send_layers(plan_from_wire(plan), self.layers())
+
     def finish(self, name, plan, payload):
         self.senders[name].finish(plan_from_wire(plan), payload)
 

@@ -1,5 +1,6 @@
 """Block digests, seals and the fault knob: pure functions, exact values."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,7 +12,6 @@ from pdserve.kvfabric.digests import (
     DigestError,
     block_digests,
     cache_block_digests,
-    all_layer_digests,
     check_finish_mac,
     decode_finish_aux,
     decode_layer_aux,
@@ -166,28 +166,20 @@ def test_flips_change_exactly_one_block():
 def test_finish_aux_carries_every_layers_digests_under_one_seal():
     """The cuda_ipc FINISH: layers' digests in layer order, sealed with header and payload."""
     plan = TransferPlan("t#0", "t", 0, (1, 2), (5, 6), 3)
-    layers = [BlockDigests(ALGO_WSUM, (10 * i + 1, 10 * i + 2, 10 * i + 3, 10 * i + 4))
-              for i in range(3)]
-    header = encode_header(FINISH, 2, plan, aux_nbytes=finish_aux_size(3, 2))
-    aux = encode_finish_aux(KEY, header, b"ok", layers)
-    assert len(aux) == finish_aux_size(3, 2) == 8 + 4 * 12 + 16
-    assert decode_finish_aux(KEY, header, b"ok", aux, 3) == layers
+    values = np.array([[10 * i + j for j in range(1, 5)] for i in range(3)], dtype=np.int64)
+    values[2, 3] = 2**32 - 1  # the widest digest survives
+    header = encode_header(FINISH, 2, plan, aux_nbytes=finish_aux_size(12))
+    aux = encode_finish_aux(KEY, header, b"ok", ALGO_WSUM, values)
+    assert len(aux) == finish_aux_size(12) == 8 + 4 * 12 + 16
+    algo, got = decode_finish_aux(KEY, header, b"ok", aux, 3)
+    assert algo == ALGO_WSUM and got.dtype == np.uint32 and got.tolist() == values.tolist()
     with pytest.raises(DigestError, match="digest seal does not match"):
         decode_finish_aux(KEY, header, b"no", aux, 3)  # another payload
     with pytest.raises(DigestError, match="digest seal does not match"):
         decode_finish_aux(mac_key("other"), header, b"ok", aux, 3)
     with pytest.raises(DigestError, match="12 block digests do not split into 5 layers"):
         decode_finish_aux(KEY, header, b"ok", aux, 5)
-    with pytest.raises(ValueError, match="different algorithms"):
-        encode_finish_aux(KEY, header, b"ok", [layers[0], BlockDigests(ALGO_CRC32, (1, 2))])
-
-
-def test_all_layer_digests_equal_each_layers_digests():
-    g = torch.Generator().manual_seed(3)
-    layers = [(torch.randn(7, 4, 2, 8, generator=g), torch.randn(7, 4, 2, 8, generator=g))
-              for _ in range(3)]
-    ids = torch.tensor([6, 0, 3])
-    for algo in (ALGO_CRC32, ALGO_WSUM):
-        got = all_layer_digests(algo, layers, ids)
-        assert got == [cache_block_digests(algo, k, v, ids) for k, v in layers]
-        assert len(got) == 3 and all(len(d.values) == 6 for d in got)
+    with pytest.raises(DigestError, match="too short"):
+        decode_finish_aux(KEY, header, b"ok", aux[:10], 3)
+    empty = encode_finish_aux(KEY, header, b"ok", ALGO_WSUM, np.zeros(0, dtype=np.uint32))
+    assert decode_finish_aux(KEY, header, b"ok", empty, 3)[1].shape == (3, 0)

@@ -51,6 +51,22 @@ def test_layers_land_in_dst_blocks_and_bytes_are_counted(peers):
     assert_landed(receiver_cache(peers), dict(zip(dst[3:], src[3:], strict=True)))
 
 
+def test_send_layers_moves_every_layer_in_one_call(peers):
+    """The bulk path (cuda_ipc: one copy and one checksum launch for all layers) lands the
+    same bytes as layer-by-layer sends; a second plan right after reuses nothing stale."""
+    rng = random.Random(11)
+    for name, seed in (("bulk-a", 0), ("bulk-b", 1)):
+        src, dst = rng.sample(range(64), 7), rng.sample(range(64), 7)
+        plan = SCHED.plan(name, src, dst, num_cached_blocks=seed)
+        peers.receiver.call("repoison")
+        peers.receiver.call("expect", plan_to_wire(plan), 10.0)
+        sent = peers.sender.call("send_all", "main", plan_to_wire(plan))
+        assert sent == (7 - seed) * 4 * BYTES_PER_BLOCK_LAYER
+        peers.sender.call("finish", "main", plan_to_wire(plan), name.encode())
+        assert peers.events(1) == [["complete", f"{name}#0", name.encode()]]
+        assert_landed(receiver_cache(peers), dict(zip(dst[seed:], src[seed:], strict=True)))
+
+
 def test_interleaved_transfers_in_any_layer_order(peers):
     rng = random.Random(2)
     src = rng.sample(range(64), 10)

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One device call on the lent H200: install the carried wheels, then run the stages
+# named in $STAGES (default: all), each with a wall-clock cap, writing JSON under $OUT.
+#
+#   STAGES="fabric_tests fabric_micro disagg" bash bench/h200_session.sh
+#
+# Carry [".whl", ".carry"]: .whl from ../shared/tools/gpu-wheels --with-nixl, .carry/tok.txz
+# (the SmolLM2 tokenizer for prompts), .carry/revert.patch (`git diff HEAD -R`: the device
+# copy gets uncommitted edits of the working tree; the patch takes them back out).
+set -u
+STAGES=${STAGES:-"fabric_tests fabric_micro disagg kernels"}
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+python3 -m pip install --no-index --no-deps -q .whl/*.whl 2>&1 | tail -2
+if [ -s .carry/revert.patch ]; then patch -p1 -s < .carry/revert.patch && echo "reverted uncommitted edits"; fi
+mkdir -p /tmp/pp build && ln -sfn "$PWD" /tmp/pp/pdserve
+export PYTHONPATH=/tmp/pp PDSERVE_REV=${PDSERVE_REV:-unknown}
+[ -f .carry/tok.txz ] && tar xJf .carry/tok.txz  # -> build/pdtok
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+
+stage() { echo "=== $1 ($(date +%T))"; }
+for s in $STAGES; do
+  case $s in
+    fabric_tests)
+      stage "$s"
+      timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -x tests/kvfabric 2>&1 | tail -25
+      timeout 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_triton_kv_copy.py 2>&1 | tail -5 ;;
+    fabric_micro)
+      stage "$s"
+      timeout 120 python3 -m pdserve.bench.fabric_micro 2>&1 | tail -20 ;;
+    disagg)
+      stage "$s"
+      timeout 420 python3 bench/disagg_h200.py --transports ${TRANSPORTS:-cuda_ipc,nixl,tcp} \
+        --reps ${REPS:-6} ${DISAGG_ARGS:-} 2>&1 | tail -40 ;;
+    kernels)
+      stage "$s"
+      timeout 300 python3 bench/kernels_h200.py --b1-sweep --rev "$PDSERVE_REV" 2>&1 | tail -40 ;;
+    engine)
+      stage "$s"
+      timeout 420 python3 bench/engine_h200.py --trace .carry/trace.csv 2>&1 | tail -30 ;;
+    *) echo "unknown stage $s" ;;
+  esac
+done
+echo "=== done ($(date +%T))"
