@@ -60,28 +60,20 @@ def default_tuning(num_seqs: int, num_kv_heads: int, max_blocks: int, block_size
                    device: torch.device) -> DecodeTuning:
     """Partitions so that ``num_seqs * num_kv_heads * partitions`` fills the GPU.
 
-    If ``num_seqs * num_kv_heads`` alone gives >= 3 programs per SM, one partition
-    covers the whole table width: splitting would only add partial traffic and a
-    merge (H200, B=64 x 4096: one partition 257 us, 2048-token partitions 264 us).
-    Otherwise aim at ~4 programs per SM with partitions of 256 to 2048 tokens.
-
     A function of shapes only, so one batch shape always gets one launch
     (needed for CUDA graphs).
     """
     max_tokens = max_blocks * block_size
-    block_n = 64
-    whole = DecodeTuning(partition_size=-(-max_tokens // block_n) * block_n, block_n=block_n)
-    num_sms = _num_sms(device)
-    if num_seqs * num_kv_heads >= 3 * num_sms:
-        return whole  # no split, no cap
-    parts_wanted = max(1, -(-4 * num_sms // max(1, num_seqs * num_kv_heads)))
+    programs_wanted = 4 * _num_sms(device)
+    parts_wanted = max(1, -(-programs_wanted // max(1, num_seqs * num_kv_heads)))
     size = triton.next_power_of_2(max(1, -(-max_tokens // parts_wanted)))
     # Floor: enough work per program (H200, B=1 x 4096: 256 tokens 20 us, 128 tokens 25 us);
     # cap: no program streams more than this, so the long sequences of a ragged batch do
     # not run alone at the end (B=32 ragged: 2048 -> 191 us, one partition -> 243 us).
     size = min(max(size, 256 if device.type == "cuda" else 64), 2048)
+    block_n = 64
     if size >= max_tokens:
-        return whole
+        size = -(-max_tokens // block_n) * block_n  # one partition
     return DecodeTuning(partition_size=size, block_n=block_n)
 
 
