@@ -10,24 +10,29 @@ import torch
 
 def uniform_layer_stride(kv_layers: list[tuple[torch.Tensor, torch.Tensor]]) -> int | None:
     """Bytes from each layer's K (and V) to the next one's when every layer is a
-    contiguous, same-shaped view of one allocation that far after the previous (0 for
-    one layer); None otherwise. Pure."""
+    contiguous, same-shaped view of layer 0's allocation that far after the previous
+    (0 for one layer); None otherwise. Pure; cheap (integer checks per layer)."""
     k0, v0 = kv_layers[0]
-    if len(kv_layers) == 1:
-        return 0 if k0.is_contiguous() and v0.is_contiguous() else None
-    step = kv_layers[1][0].data_ptr() - k0.data_ptr()
-    if step <= 0:
+    if not (k0.is_contiguous() and v0.is_contiguous()) or v0.shape != k0.shape \
+            or v0.dtype != k0.dtype:
         return None
-    k_store, v_store = k0.untyped_storage().data_ptr(), v0.untyped_storage().data_ptr()
-    for i, (k, v) in enumerate(kv_layers):
-        if (k.untyped_storage().data_ptr() != k_store or v.untyped_storage().data_ptr() != v_store
-                or k.data_ptr() - k0.data_ptr() != i * step
-                or v.data_ptr() - v0.data_ptr() != i * step
-                or not k.is_contiguous() or not v.is_contiguous()
-                or k.shape != k0.shape or v.shape != k0.shape
-                or k.dtype != k0.dtype or v.dtype != k0.dtype):
-            return None
-    return step
+    if len(kv_layers) == 1:
+        return 0
+    kp = [k.data_ptr() for k, _ in kv_layers]
+    vp = [v.data_ptr() for _, v in kv_layers]
+    step = kp[1] - kp[0]
+    if step <= 0 or any(kp[i] - kp[0] != i * step or vp[i] - vp[0] != i * step
+                        for i in range(len(kp))):
+        return None
+    store = k0.untyped_storage()
+    lo, hi = store.data_ptr(), store.data_ptr() + store.nbytes()
+    if v0.untyped_storage().data_ptr() != lo or min(kp[0], vp[0]) < lo \
+            or max(kp[-1], vp[-1]) + k0.nbytes > hi:
+        return None  # the spacing must stay inside one allocation
+    same = all(k.shape == k0.shape and v.shape == k0.shape and k.dtype == k0.dtype
+               and v.dtype == k0.dtype and k.is_contiguous() and v.is_contiguous()
+               for k, v in kv_layers)
+    return step if same else None
 
 
 def spanning_view(t: torch.Tensor, num_layers: int, stride_bytes: int,

@@ -104,3 +104,15 @@ def layer_block_checksums(kv_layers, block_ids):
 
         return impl(kv_layers, block_ids)
     return reference.layer_block_checksums(kv_layers, block_ids)
+
+
+def copy_blocks_checksums(src_layers, src_ids, dst_layers, dst_ids):
+    """See ``reference.copy_blocks_checksums``: [L, 2n] int64, no host sync; on CUDA one
+    pass that reads each src block once (one launch for an engine's KV cache)."""
+    k0, v0 = src_layers[0]
+    if _use_triton(k0) and all(k.is_contiguous() and v.is_contiguous() for k, v in src_layers) \
+            and (k0[0].numel() * k0.element_size()) % 4 == 0:
+        from pdserve.kernels.triton_checksum import copy_blocks_checksums as impl
+
+        return impl(src_layers, src_ids, dst_layers, dst_ids)
+    return reference.copy_blocks_checksums(src_layers, src_ids, dst_layers, dst_ids)

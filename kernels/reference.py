@@ -194,6 +194,19 @@ def layer_block_checksums(
     return torch.stack([block_checksums(k, v, block_ids) for k, v in kv_layers])
 
 
+def copy_blocks_checksums(
+    src_layers: list[tuple[torch.Tensor, torch.Tensor]],  # per layer (K, V) [NB_src, ...]
+    src_ids: torch.Tensor,  # [n] int64
+    dst_layers: list[tuple[torch.Tensor, torch.Tensor]],  # per layer (K, V), mutated
+    dst_ids: torch.Tensor,  # [n] int64, no repeats
+) -> torch.Tensor:  # [L, 2n] int64
+    """``copy_blocks_layers``, returning ``layer_block_checksums`` of the src blocks (what
+    the copy moved). Mutates the dst caches."""
+    sums = layer_block_checksums(src_layers, src_ids)
+    copy_blocks_layers(src_layers, src_ids, dst_layers, dst_ids)
+    return sums
+
+
 def checksum_rows(rows: torch.Tensor) -> torch.Tensor:
     """``block_checksums``' checksum of each row of ``[m, width]`` uint8: ``[m]`` int64 on
     its device. The words are int32 when ``width`` is a multiple of 4, else bytes. Pure."""

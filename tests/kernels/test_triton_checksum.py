@@ -10,7 +10,11 @@ pytest.importorskip("triton")
 from kernel_checks import gpu, interpreter  # noqa: E402
 
 from pdserve.kernels.layers import uniform_layer_stride  # noqa: E402
-from pdserve.kernels.triton_checksum import block_checksums, layer_block_checksums  # noqa: E402
+from pdserve.kernels.triton_checksum import (  # noqa: E402
+    block_checksums,
+    copy_blocks_checksums,
+    layer_block_checksums,
+)
 
 
 def caches(num_blocks, bs, hkv, d, dtype, device):
@@ -69,9 +73,42 @@ def check_layers(num_layers, num_blocks, bs, hkv, d, dtype, device, n):
     assert changed == [[num_layers - 1, n]]
 
 
+def check_copy_checksums(num_layers, src_blocks, dst_blocks, bs, hkv, d, dtype, device, n):
+    """The fused copy + checksum equals copy_blocks_layers + layer_block_checksums of the
+    src blocks, on engine-shaped caches (one launch) and on per-layer tensors."""
+    src = torch.randn((num_layers, 2, src_blocks, bs, hkv, d), device=device).to(dtype)
+    src_layers = [(src[i, 0], src[i, 1]) for i in range(num_layers)]
+    src_ids = torch.randperm(src_blocks, device=device)[:n]
+    dst_ids = torch.randperm(dst_blocks, device=device)[:n]
+    want_dst = torch.full((num_layers, 2, dst_blocks, bs, hkv, d), float("nan"),
+                          device=device).to(dtype)
+    want_sums = reference.copy_blocks_checksums(
+        src_layers, src_ids, [(want_dst[i, 0], want_dst[i, 1]) for i in range(num_layers)],
+        dst_ids)
+    for shared in (True, False):
+        if shared:
+            dst = torch.full_like(want_dst, float("nan"))
+            dst_layers = [(dst[i, 0], dst[i, 1]) for i in range(num_layers)]
+        else:
+            dst_layers = [(torch.full_like(want_dst[i, 0], float("nan")),
+                           torch.full_like(want_dst[i, 1], float("nan")))
+                          for i in range(num_layers)]
+        sums = copy_blocks_checksums(src_layers, src_ids, dst_layers, dst_ids)
+        assert torch.equal(sums, want_sums)
+        assert torch.equal(sums, reference.layer_block_checksums(src_layers, src_ids))
+        for i, (k, v) in enumerate(dst_layers):
+            torch.testing.assert_close(k, want_dst[i, 0], rtol=0, atol=0, equal_nan=True)
+            torch.testing.assert_close(v, want_dst[i, 1], rtol=0, atol=0, equal_nan=True)
+
+
 @interpreter
 def test_layer_checksums_interpreter():
     check_layers(3, 7, 4, 2, 16, torch.float16, "cpu", n=4)
+
+
+@interpreter
+def test_copy_checksums_interpreter():
+    check_copy_checksums(3, 9, 11, 4, 2, 16, torch.bfloat16, "cpu", n=5)
 
 
 @interpreter
@@ -89,3 +126,4 @@ def test_extreme_words_interpreter():
 def test_checksum_gpu(dtype):
     check(1024, 16, 8, 128, dtype, "cuda", n=256)
     check_layers(32, 512, 16, 8, 128, dtype, "cuda", n=256)
+    check_copy_checksums(32, 600, 500, 16, 8, 128, dtype, "cuda", n=256)

@@ -86,10 +86,13 @@ else:
                               dst_v_ptr="*i16", src_ids_ptr="*i64", dst_ids_ptr="*i64"),
                          dict(BLOCK_NUMEL=16384, CHUNK=4096, SRC_BY_ID=src_by_id,
                               DST_BY_ID=dst_by_id), 4, 1)
-    compile_for_sm90(triton_checksum._checksum_kernel,
-                     dict(k_ptr="*i32", v_ptr="*i32", ids_ptr="*i64", out_ptr="*i64"),
-                     dict(P=(1 << 31) - 1, CHUNK=8192, TILE=2048, W_MUL=triton_checksum._W_MUL,
-                          W_ADD=triton_checksum._W_ADD, W_MOD=triton_checksum._W_MOD), 4, 1)
+    for copy in (False, True):
+        compile_for_sm90(triton_checksum._checksum_kernel,
+                         dict(k_ptr="*i32", v_ptr="*i32", ids_ptr="*i64", out_ptr="*i64",
+                              dst_k_ptr="*i32", dst_v_ptr="*i32", dst_ids_ptr="*i64"),
+                         dict(P=(1 << 31) - 1, CHUNK=8192, TILE=2048,
+                              W_MUL=triton_checksum._W_MUL, W_ADD=triton_checksum._W_ADD,
+                              W_MOD=triton_checksum._W_MOD, COPY=copy), 4, 1)
 print("compiled", case)
 '''
 
