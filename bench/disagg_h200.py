@@ -284,7 +284,8 @@ def ttft_disagg(engine, sender, decode: DecodeProc, pusher, prompt: list[int],
             plan = plans.get(rid) or plans.setdefault(
                 rid, planner.plan_from_suffix(rid, req.block_ids, 0, dst))
             k, v = layers[layer]
-            pusher.push(rid, lambda p=plan, i=layer, k=k, v=v: sender.send_layer(p, i, k, v))
+            pusher.push(rid, lambda p=plan, i=layer, k=k, v=v: sender.send_layer(p, i, k, v),
+                        sender.stream_ordered)
 
     t0 = time.monotonic()
     engine.add_request(rid, prompt, SamplingParams(temperature=0.0, max_tokens=1),

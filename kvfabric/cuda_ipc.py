@@ -4,10 +4,10 @@ side's KV memory, mapped into its own process by CUDA IPC (workers on one host).
     decode (receiver path)                       prefill (sender path)
     export the KV allocation(s)  --Welcome--->   open them (UntypedStorage._new_shared_cuda)
     (host id, IPC handles, per-layer offsets)    views [NB, B, Hkv, D] per layer, K and V
-                                                 send_layer: copy_blocks(src ids -> dst ids)
-                                                   + block checksums of the src blocks,
-                                                   both on the caller's stream, no host sync
-                                                 (send_layers: every layer, one launch each)
+                                                 send_layer: one kernel copies the blocks
+                                                   (src ids -> dst ids) and checksums what it
+                                                   read, on the caller's stream, no host sync
+                                                 (send_layers: every layer, one launch)
                             <--FINISH----------  finish: wait for the copies, then FINISH
     check every layer's digests on the           whose aux carries every layer's digests
     dst blocks (one launch, compared on the      (sealed with the header and payload)
@@ -35,8 +35,7 @@ from functools import cache
 import numpy as np
 import torch
 
-from pdserve.kernels import copy_blocks
-from pdserve.kernels.ops import block_checksums, copy_blocks_layers, layer_block_checksums
+from pdserve.kernels.ops import copy_blocks_checksums
 from pdserve.kvfabric.descriptors import FabricIdentity, TransferPlan
 from pdserve.kvfabric.digests import ALGO_WSUM
 from pdserve.kvfabric.errors import FabricHandshakeError, FabricTransportUnavailable
@@ -118,6 +117,7 @@ class CudaIpcSenderPath(SenderPath):
 
     one_sided = True
     digests_at_finish = True
+    stream_ordered = True
 
     def __init__(self, identity: FabricIdentity) -> None:
         self.identity = identity
@@ -165,9 +165,8 @@ class CudaIpcSenderPath(SenderPath):
         """Launch the copy of the layer's blocks and their checksums on the current stream;
         returns at once. The src blocks must stay unchanged until ``wait_writes``."""
         out = self._outgoing_for(plan, k_cache.device)
-        rk, rv = self._layers[layer_idx]
-        copy_blocks(k_cache, v_cache, out.src_ids, rk, rv, out.dst_ids)
-        out.sums[layer_idx] = block_checksums(k_cache, v_cache, out.src_ids)
+        out.sums[layer_idx] = copy_blocks_checksums(
+            [(k_cache, v_cache)], out.src_ids, [self._layers[layer_idx]], out.dst_ids)[0]
         self._after_launch(out, plan, [layer_idx], wire)
         return 2 * plan.num_blocks * self.identity.bytes_per_block
 
@@ -176,8 +175,7 @@ class CudaIpcSenderPath(SenderPath):
         """Every layer at once (KV computed earlier): one copy launch and one checksum
         launch for an engine's KV cache. Same contract as ``send_layer``."""
         out = self._outgoing_for(plan, kv_layers[0][0].device)
-        copy_blocks_layers(kv_layers, out.src_ids, self._layers, out.dst_ids)
-        out.all_sums = layer_block_checksums(kv_layers, out.src_ids)
+        out.all_sums = copy_blocks_checksums(kv_layers, out.src_ids, self._layers, out.dst_ids)
         self._after_launch(out, plan, list(range(len(kv_layers))), wire)
         return 2 * plan.num_blocks * self.identity.bytes_per_block * len(kv_layers)
 

@@ -206,6 +206,13 @@ class KVSender:
                 pass
 
     @property
+    def stream_ordered(self) -> bool:
+        """``send_layer`` only enqueues GPU work on the current stream, ordered after the
+        work launched there before: a caller may call it right after launching the
+        layer's compute, from a side stream that waits on the compute stream."""
+        return self._path.stream_ordered
+
+    @property
     def is_alive(self) -> bool:
         return self._dead is None
 

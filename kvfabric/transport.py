@@ -67,6 +67,9 @@ class SenderPath:
 
     one_sided = False
     digests_at_finish = False  # True: layers leave no frame; FINISH carries their digests
+    # True: send_layer only enqueues work on the caller's CUDA stream, ordered after what
+    # was launched there before (no host sync needed first; cuda_ipc)
+    stream_ordered = False
     agent_name = ""
 
     def attach(self, welcome: Welcome) -> None:

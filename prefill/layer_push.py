@@ -9,7 +9,10 @@
 
 On CUDA the engine thread never waits for the fabric: the push thread waits
 for layer i's event, so a one-sided write cannot read KV that is still being
-computed, and the pack runs on its own stream beside layer i+1. On the CPU
+computed, and the pack runs on its own stream beside layer i+1. A
+stream-ordered path (cuda_ipc: a copy kernel, nothing on the host) skips the
+thread: the engine thread launches it on the side stream, which waits for the
+compute stream on the GPU. On the CPU
 ``push`` sends at once in the calling thread (there is nothing to overlap
 with, and the order of the tested CPU path stays as it was).
 """
@@ -41,11 +44,20 @@ class LayerPusher:
             self._jobs = queue.Queue()
             threading.Thread(target=self._loop, daemon=True, name="prefill-push").start()
 
-    def push(self, request_id: str, send: Send) -> None:
+    def push(self, request_id: str, send: Send, stream_ordered: bool = False) -> None:
         """Queue ``send`` (one ``KVSender.send_layer`` call) to run once the work
-        launched so far on the current stream is done. Mutates the queue."""
+        launched so far on the current stream is done. Mutates the queue.
+
+        ``stream_ordered`` sends (``KVSender.stream_ordered``) run at once in the calling
+        thread, on the side stream made to wait for the current one: no thread hop, no
+        host wait, and the calling thread's few launches overlap the GPU's compute."""
         if self._jobs is None:
             self._run(request_id, send)
+            return
+        if stream_ordered:
+            self._side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._side):
+                self._run(request_id, send)
             return
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.device))

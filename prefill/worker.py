@@ -160,7 +160,7 @@ class PrefillWorker(WorkerRuntime):
                 k, v = self.engine.kv_cache.layers[layer]
                 sender = self._sender(job.kv_address)
                 self.pusher.push(req.request_id, lambda s=sender, p=plan, i=layer, k=k, v=v:
-                                 s.send_layer(p, i, k, v))
+                                 s.send_layer(p, i, k, v), sender.stream_ordered)
             except (ValueError, FabricError) as exc:
                 self.broken[req.request_id] = str(exc)
 
