@@ -224,7 +224,7 @@ def transfer_rates(engine, sender, decode: DecodeProc, num_blocks: int, reps: in
     dst = list(range(num_blocks))  # the decode pool's order differs in general
     out: dict = {}
     for mode in ("layerwise", "bulk"):
-        rates, nbytes = [], 0
+        rates, nbytes, phases = [], 0, []
         for r in range(reps + 1):
             plan = planner.plan_from_suffix(f"xfer-{mode}-{r}-{id(sender)}", src, 0, dst)
             decode.expect(plan)
@@ -234,13 +234,19 @@ def transfer_rates(engine, sender, decode: DecodeProc, num_blocks: int, reps: in
                 nbytes = sender.send_layers(plan, layers)
             else:
                 nbytes = sum(sender.send_layer(plan, i, k, v) for i, (k, v) in enumerate(layers))
+            t_sent = time.monotonic()
             sender.finish(plan, b"")
+            t_finished = time.monotonic()
             t1 = decode.wait_event()["t"]
             if r:  # the first one warms registrations and buffers
                 rates.append(nbytes / (t1 - t0))
+                phases.append((t_sent - t0, t_finished - t_sent, t1 - t_finished))
         got = decode.call(op="sums", block_ids=dst)["sums"]
         key = "" if mode == "layerwise" else "bulk_"
-        out.update({f"{key}bytes_per_s_median": statistics.median(rates),
+        out.update({f"{key}phases_ms_median": {  # where the time goes, host clock
+            name: 1e3 * statistics.median(p[i] for p in phases)
+            for i, name in enumerate(("sends_return", "finish_returns", "receiver_after"))},
+                    f"{key}bytes_per_s_median": statistics.median(rates),
                     f"{key}bytes_per_s_best": max(rates),
                     f"{key}exact": got == layer_sums(layers, src)})
     return {"bytes": nbytes, "reps": reps, **out}
@@ -298,10 +304,12 @@ def ttft_disagg(engine, sender, decode: DecodeProc, pusher, prompt: list[int],
         raise RuntimeError(f"push failed: {errors}")
     req = engine.finished_prefills[0]
     sender.finish(plans[rid], bytes([req.output_token_ids[0] % 256]))
+    t_finished = time.monotonic()
     t_land = decode.wait_event()["t"]
     engine.release_prefill(req)
     return {"ttft_s": t_land - t0, "prefill_s": t_prefill - t0,
-            "prefill_end_to_landed_s": t_land - t_prefill}
+            "prefill_end_to_landed_s": t_land - t_prefill,
+            "finish_call_s": t_finished - t_prefill}
 
 
 def fabric_part(args, model_dir: Path, device: torch.device) -> dict:

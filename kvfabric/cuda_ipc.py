@@ -100,8 +100,8 @@ class CudaIpcReceiverPath(ReceiverPath):
 
 @dataclass
 class _Outgoing:
-    """One transfer's copies in flight: the block ids on the device, an event per layer
-    copy, and the layers' src checksums (device tensors until ``finish_digests``)."""
+    """One transfer's copies in flight: the block ids on the device, (stream, event) per
+    launch, and the layers' src checksums (device tensors until ``finish_digests``)."""
 
     src_ids: torch.Tensor
     dst_ids: torch.Tensor
@@ -196,17 +196,20 @@ class CudaIpcSenderPath(SenderPath):
             bad = wire.block_to_corrupt(plan, layer)
             if bad is not None:  # the knob: the copy reads the cache itself, so lie in the digest
                 out.corrupt[layer] = bad
+        stream = torch.cuda.current_stream()
         event = torch.cuda.Event()
-        event.record()
-        out.events.append(event)
+        event.record(stream)
+        out.events.append((stream, event))
 
     def take_writes(self, transfer_id: str) -> list:
         out = self._outgoing.pop(transfer_id, None)
         return [] if out is None else [out]
 
     def wait_writes(self, writes: list) -> None:
+        """Block until the transfers' copies finished: the last event of each stream
+        they were launched on (a stream runs its work in order)."""
         for out in writes:
-            for event in out.events:
+            for event in {stream: event for stream, event in out.events}.values():
                 event.synchronize()
 
     def finish_digests(self, plan: TransferPlan, writes: list) -> tuple[int, np.ndarray]:

@@ -263,7 +263,7 @@ class KVReceiver:
     def _finish_digest_error(self, h: FrameHeader, aux: bytes, payload: bytes) -> str | None:
         """Why a digest-carrying FINISH does not vouch for what landed, or None: its seal,
         then every layer's digests against the dst blocks (one checksum launch for the
-        engine's cache, compared on its device; one host sync)."""
+        engine's cache, one device-to-host copy)."""
         t = self._table.lookup(h)
         if t is None:
             return None  # finish_arrived drops or fails it with the reason
@@ -281,10 +281,9 @@ class KVReceiver:
             return None
         if algo != ALGO_WSUM:
             return f"finish frame digests use {ALGO_NAMES[algo]}, expected wsum"
-        landed = layer_block_checksums(self._kv_layers, t.dst_index)  # [L, 2n] int64
-        want = torch.from_numpy(sent.astype(np.int64)).to(landed.device)
-        wrong = (landed != want).flatten().nonzero()
-        if wrong.numel() == 0:
+        landed = layer_block_checksums(self._kv_layers, t.dst_index).cpu().numpy()  # [L, 2n]
+        wrong = np.flatnonzero(landed != sent)
+        if wrong.size == 0:
             return None
         layer, bad = divmod(int(wrong[0]), 2 * n)
         half = "K" if bad < n else "V"

@@ -25,6 +25,7 @@ def nixl_importable() -> bool:
 class Peers:
     def __init__(self, transport: str, device: str = "cpu") -> None:
         self.transport = transport
+        self.device = device
         self.receiver, self.sender = Actor(), Actor()
         self.address = self.receiver.call("receiver_init", transport, device)
         self.sender.call("sender_init", SENDER_SEED, device)
