@@ -5,7 +5,7 @@ data, then ``nbytes`` of payload::
 
     offset  size  field
     0       4     magic  b"PDKV"
-    4       1     kind   (HELLO, WELCOME, LAYER, FINISH, ABORT, CANCEL, CANCEL_ACK)
+    4       1     kind   (HELLO, WELCOME, LAYER, FINISH, ABORT, CANCEL, CANCEL_ACK, BEGIN)
     5       1     version  (PROTOCOL_VERSION; a zero pad byte in version 1)
     6       2     len(transfer_id)   <= 255
     8       2     len(request_id)    <= 255
@@ -20,9 +20,11 @@ Payloads: HELLO / WELCOME carry a msgspec-msgpack ``Hello`` / ``Welcome``;
 LAYER carries the packed ``[2, n, B, Hkv, D]`` blocks of one layer (tcp) or
 nothing (nixl: header and aux travel as the NIXL notification of the write,
 and ``nbytes`` says how much was written); FINISH carries the caller's opaque
-payload; ABORT and CANCEL carry a utf-8 reason. Aux: LAYER frames carry the
-per-block digests and their seal, FINISH frames a seal (``digests.py``);
-other frames none.
+payload; ABORT and CANCEL carry a utf-8 reason; BEGIN (paths whose layers
+leave no frames: cuda_ipc) carries nothing and tells the receiver which
+connection a transfer's writes come from, so its death fails the transfer
+at once. Aux: LAYER frames carry the per-block digests and their seal, FINISH
+frames a seal (or every layer's digests, ``digests.py``); other frames none.
 """
 
 import socket
@@ -35,10 +37,11 @@ import msgspec
 from pdserve.kvfabric.descriptors import FabricIdentity, TransferPlan
 
 MAGIC = b"PDKV"
-HELLO, WELCOME, LAYER, FINISH, ABORT, CANCEL, CANCEL_ACK = range(1, 8)
+HELLO, WELCOME, LAYER, FINISH, ABORT, CANCEL, CANCEL_ACK, BEGIN = range(1, 9)
 KIND_NAMES = {HELLO: "HELLO", WELCOME: "WELCOME", LAYER: "LAYER", FINISH: "FINISH",
-              ABORT: "ABORT", CANCEL: "CANCEL", CANCEL_ACK: "CANCEL_ACK"}
-PROTOCOL_VERSION = 2  # 2: version byte, aux section with per-block digests and seals
+              ABORT: "ABORT", CANCEL: "CANCEL", CANCEL_ACK: "CANCEL_ACK", BEGIN: "BEGIN"}
+PROTOCOL_VERSION = 3  # 2: version byte, aux section with per-block digests and seals;
+# 3: BEGIN, and FINISH carrying every layer's digests (cuda_ipc)
 _HEADER = struct.Struct("<4sBBHHiIIQI")  # 34 bytes
 HEADER_SIZE = _HEADER.size
 MAX_CONTROL_BYTES = 16 << 20  # handshake metadata, finish payloads, reasons

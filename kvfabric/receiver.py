@@ -37,6 +37,7 @@ from pdserve.kvfabric.digests import (
 )
 from pdserve.kvfabric.frames import (
     ABORT,
+    BEGIN,
     CANCEL,
     CANCEL_ACK,
     FINISH,
@@ -365,11 +366,13 @@ class KVReceiver:
         if h.kind == LAYER:
             self._on_layer(conn, h)
             return
-        if h.kind not in (FINISH, ABORT, CANCEL_ACK):
+        if h.kind not in (FINISH, ABORT, CANCEL_ACK, BEGIN):
             raise ProtocolError(f"unexpected frame kind {h.kind}")
         aux = read_aux(conn.sock, h)
         payload = read_control_payload(conn.sock, h)
-        if h.kind == FINISH and conn.digests_at_finish:
+        if h.kind == BEGIN:
+            actions = self._table.begin(conn, h)
+        elif h.kind == FINISH and conn.digests_at_finish:
             error = self._finish_digest_error(h, aux, payload)
             actions = self._table.finish_arrived(conn, h, payload, error, all_layers=True)
         elif h.kind == FINISH:

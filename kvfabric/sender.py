@@ -41,6 +41,7 @@ from pdserve.kvfabric.errors import FabricHandshakeError, FabricPeerError, Fabri
 from pdserve.kvfabric.faults import FaultInjector
 from pdserve.kvfabric.frames import (
     ABORT,
+    BEGIN,
     CANCEL,
     CANCEL_ACK,
     FINISH,
@@ -85,6 +86,7 @@ class KVSender:
         self._state_lock = threading.Lock()  # cancelled set + posting of one-sided writes
         self._send_lock = threading.Lock()  # one frame at a time on the socket
         self._cancelled: dict[str, str] = {}  # transfer_id -> receiver's reason
+        self._begun: set[str] = set()  # digests_at_finish paths: BEGIN sent, not yet ended
         self._dead: str | None = None
         self._send_timeout_s = send_timeout_s
         self.bytes_sent = 0
@@ -141,6 +143,7 @@ class KVSender:
             raise ValueError(f"layer {layer_idx} out of range 0..{plan.num_layers - 1}")
         if plan.num_blocks == 0:
             return 0
+        self._begin(plan)
         with self._state_lock:
             self._check_usable(plan)
             if self._path.one_sided:  # posted under the lock: a CANCEL waits for it
@@ -160,6 +163,7 @@ class KVSender:
             self._check_plan(plan, k)
         if plan.num_blocks == 0:
             return 0
+        self._begin(plan)
         with self._state_lock:
             self._check_usable(plan)
             if self._path.one_sided:
@@ -176,6 +180,7 @@ class KVSender:
         ``send_layer``, and ValueError (cuda_ipc) if a layer of the plan was not sent.
         """
         self._check_usable(plan)
+        self._begun.discard(plan.transfer_id)
         writes = self._take_writes(plan)
         self._path.wait_writes(writes)
         if self._path.digests_at_finish:  # the layers left no frames: their digests go here
@@ -194,6 +199,7 @@ class KVSender:
         """
         with self._state_lock:
             self._cancelled[plan.transfer_id] = reason
+        self._begun.discard(plan.transfer_id)
         try:
             self._path.wait_writes(self._take_writes(plan))
         except FabricPeerError:
@@ -264,6 +270,18 @@ class KVSender:
         reason = self._cancelled.get(plan.transfer_id)
         if reason is not None:
             raise FabricTransferCancelled(f"transfer {plan.transfer_id}: {reason}")
+
+    def _begin(self, plan: TransferPlan) -> None:
+        """On a path whose layers leave no frames, tell the receiver once per transfer
+        that this connection writes it (so our death fails it there at once).
+        Mutates ``_begun``. Raises FabricPeerError, FabricTransferCancelled."""
+        if not self._path.digests_at_finish or plan.transfer_id in self._begun:
+            return
+        self._check_usable(plan)
+        self._send_frame(encode_header(BEGIN, 0, plan), None)
+        self._begun.add(plan.transfer_id)
+        while len(self._begun) > MAX_REMEMBERED_CANCELS:  # transfers never finished
+            self._begun.pop()
 
     def _take_writes(self, plan: TransferPlan) -> list:
         with self._state_lock:

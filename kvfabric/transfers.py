@@ -173,6 +173,13 @@ class TransferTable:
             t.payload = payload
             return self._maybe_complete(t)
 
+    def begin(self, conn, h: FrameHeader) -> list[Action]:
+        """A BEGIN frame: ``conn`` writes this transfer (its death fails it). A frame
+        wrong for the transfer fails it; one for no expected transfer is dropped."""
+        with self._lock:
+            t, actions = self._admit(conn, h, False, None)
+            return actions
+
     def lookup(self, h: FrameHeader) -> Pending | None:
         """The expected, not failed transfer a FINISH names, if its ids match (to check
         its digests before ``finish_arrived``). Plan and dst_index are immutable."""

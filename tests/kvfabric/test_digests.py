@@ -24,6 +24,7 @@ from pdserve.kvfabric.digests import (
 )
 from pdserve.kvfabric.faults import ENV_FAULT_RATE, FaultInjector, flip_byte, flip_digest
 from pdserve.kvfabric.frames import (
+    BEGIN,
     FINISH,
     HELLO,
     LAYER,
@@ -117,12 +118,20 @@ def test_finish_seal():
     assert check_finish_mac(KEY, head, b"abc", b"") is not None
 
 
+def test_begin_frame_round_trips_with_the_plans_ids():
+    plan = TransferPlan("b#2", "b", 2, (1, 2), (7, 8), 4)
+    head = encode_header(BEGIN, 0, plan)
+    h = decode_header(head[:34], head[34:])
+    assert (h.kind, h.transfer_id, h.request_id, h.attempt, h.nbytes, h.aux_nbytes) == (
+        BEGIN, "b#2", "b", 2, 0, 0)
+
+
 def test_frames_of_another_protocol_version_are_refused():
     head = bytearray(encode_header(HELLO, 0))
     head[5] = 0  # version 1 had a zero pad byte here
     with pytest.raises(VersionMismatch) as info:
         decode_header(bytes(head[:34]), b"")
-    assert str(info.value) == "KV protocol version mismatch: peer 1, ours 2"
+    assert str(info.value) == "KV protocol version mismatch: peer 1, ours 3"
     assert split_ids_length(bytes(head[:34])) == 0
     assert issubclass(VersionMismatch, ProtocolError)
 
