@@ -19,6 +19,15 @@ take the CUDA IPC path that DESIGN.md measured at 1.3 TB/s (next: UCX_PROTO_INFO
 UCX_TLS to see and force it); tcp 0.46 GB/s. Layer-wise push hid most of it: the last
 layer landed 1.4 ms after prefill ended, but prefill with the push ran 128 ms against
 105 ms colocated (TTFT 1.23x). Greedy text and logprobs identical over HTTP.
+
+Run of rev 6a4598f (bench/results/disagg_h200.json), cuda_ipc added: TTFT of the 4k prompt
+106.8 ms against 102.6 ms colocated = 1.041x (nixl 1.245x); the last layer landed 1.9 ms
+after prefill ended. cuda_ipc moved the 512 MiB at 102 GB/s layer by layer and 248 GB/s
+in one send_layers call: 0.05x / 0.12x the 2.1 TB/s d2d copy. The GPU part of the bulk
+transfer is 0.27 ms for the fused copy + checksum (0.95x the copy, fabric_micro_h200.json)
+and 0.33 ms for the receiver's check; the rest (about 1.5 ms) is host-side Python on both
+sides (the `phases_ms_median` fields). Greedy text and logprobs identical over HTTP with
+cuda_ipc serving; HTTP TTFT 117-160 ms disaggregated, 109-162 ms colocated.
 """
 
 import argparse
