@@ -1,0 +1,42 @@
+"""``Linear``: ``nn.Linear`` whose CPU forward asks MKL for ``W @ x^T`` instead.
+
+Same parameters, same layout (``weight`` ``[out, in]`` row-major, one copy), so
+``load_weights``, weight tying and CUDA (which keeps ``nn.Linear``'s call and
+cuBLAS's numerics) are unchanged. On the CPU, for ``x`` of ``M`` rows,
+``F.linear`` computes ``x @ W^T``; MKL runs that shape as a skinny GEMM that is
+slow for small ``M`` (SmolLM2-135M's layer GEMMs plus lm_head, 2 AVX2 cores, cold
+weights: about 63 ms per decode step at M=8), while the transposed problem
+``W @ x^T`` (``[out, in] @ [in, M]``, output ``[out, M]``) takes about 43 ms. At
+M=1 both run as a single-threaded GEMV (about 37 ms); one zero row added to make
+M=2 takes the GEMM path on both cores (about 29 ms), so a lone row is padded so.
+Each output element is still the dot product of one weight row with one input
+row, summed in float32.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def linear_wxt(x: torch.Tensor, weight: torch.Tensor,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for 2-D ``x`` ``[M, in]``, computed as
+    ``(weight @ x^T + bias)^T``; returns a new contiguous ``[M, out]``. A lone row
+    is computed beside a zero row (see the module doc). Pure."""
+    m = x.shape[0]
+    if m == 1:
+        x = torch.cat([x, x.new_zeros(1, x.shape[1])])
+    if bias is None:
+        out = torch.mm(weight, x.t())  # [out, M]
+    else:
+        out = torch.addmm(bias[:, None], weight, x.t())
+    return out[:, :m].t().contiguous()
+
+
+class Linear(nn.Linear):
+    """``nn.Linear``; on the CPU with 2-D input its forward is ``linear_wxt``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda or x.dim() != 2:
+            return F.linear(x, self.weight, self.bias)
+        return linear_wxt(x, self.weight, self.bias)
