@@ -32,10 +32,10 @@ def store_kv(
 
 
 def _gather_padded(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-    """[NB, B, H, D] gathered by [N, M] block ids -> [N, M * B, H, D]."""
+    """[NB, B, H, D] gathered by [N, M] block ids -> [N, M * B, H, D] (a new tensor)."""
     n, m = block_tables.shape
     _, bs, h, d = cache.shape
-    return cache[block_tables.long()].reshape(n, m * bs, h, d)
+    return cache.index_select(0, block_tables.long().reshape(-1)).view(n, m * bs, h, d)
 
 
 def paged_decode_attention(
@@ -46,25 +46,25 @@ def paged_decode_attention(
     context_lens: torch.Tensor,  # [N] int32, >= 1
     scale: float,
 ) -> torch.Tensor:  # [N, Hq, D]
-    """One query token per sequence attends to all ``context_lens[i]`` cached tokens.
+    """One query token per sequence attends to all ``context_lens[i]`` cached tokens:
+    ``softmax(q . k * scale) . v`` over those tokens, query head ``h`` reading KV head
+    ``h // (Hq / Hkv)`` (GQA), in float32. That is torch's
+    ``scaled_dot_product_attention`` with ``enable_gqa`` and a mask of each
+    sequence's valid positions, over its blocks gathered and padded to the longest.
 
     Pure: reads the caches, returns a new tensor.
     """
     n, hq, d = query.shape
-    hkv = k_cache.shape[2]
     max_ctx = int(context_lens.max().item())
     num_blocks_needed = (max_ctx + k_cache.shape[1] - 1) // k_cache.shape[1]
     tables = block_tables[:, :num_blocks_needed]
-    k = _gather_padded(k_cache, tables)[:, :max_ctx]  # [N, L, Hkv, D]
-    v = _gather_padded(v_cache, tables)[:, :max_ctx]
-    group = hq // hkv
-    q = query.view(n, hkv, group, d).float()  # [N, Hkv, G, D]
-    scores = torch.einsum("nhgd,nlhd->nhgl", q, k.float()) * scale  # [N, Hkv, G, L]
+    k = _gather_padded(k_cache, tables)[:, :max_ctx].transpose(1, 2)  # [N, Hkv, L, D]
+    v = _gather_padded(v_cache, tables)[:, :max_ctx].transpose(1, 2)
     pos = torch.arange(max_ctx, device=query.device)
     valid = pos[None, :] < context_lens[:, None].to(query.device)  # [N, L]
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.einsum("nhgl,nlhd->nhgd", probs, v.float())
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.float().unsqueeze(2), k.float(), v.float(),  # q [N, Hq, 1, D]
+        attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=True)  # [N, Hq, 1, D]
     return out.reshape(n, hq, d).to(query.dtype)
 
 

@@ -1,0 +1,46 @@
+"""``reference.paged_decode_attention`` by hand: values chosen so that every result
+is exact in float32 (zero keys give uniform attention; means of few integers)."""
+
+import torch
+
+from pdserve.kernels.reference import paged_decode_attention
+
+NB, BS, HKV, D = 6, 2, 2, 4  # blocks of 2 tokens, 2 KV heads
+HQ = 4  # two query heads per KV head
+
+
+def _caches():
+    k = torch.zeros(NB, BS, HKV, D)
+    v = torch.full((NB, BS, HKV, D), 1000.0)  # beyond a context: must not be read
+    return k, v
+
+
+def test_uniform_attention_over_blocks_of_the_table_only():
+    k, v = _caches()
+    # seq 0: blocks 4, 1 -> tokens 0..3 hold values 0, 2, 4, 6 (KV head h adds 10 * h)
+    for i, (blk, off) in enumerate([(4, 0), (4, 1), (1, 0), (1, 1)]):
+        v[blk, off] = 2.0 * i + 10.0 * torch.arange(HKV)[:, None]
+    # seq 1: one token in block 2, slot 0
+    v[2, 0] = torch.tensor([[7.0], [-3.0]])
+    tables = torch.tensor([[4, 1, 0], [2, 5, 0]], dtype=torch.int32)
+    ctx = torch.tensor([4, 1], dtype=torch.int32)
+    q = torch.randn(2, HQ, D)  # any query: the keys are all zero
+    out = paged_decode_attention(q, k, v, tables, ctx, scale=0.5)
+    assert out.shape == (2, HQ, D)
+    # query heads 0, 1 read KV head 0; heads 2, 3 read KV head 1
+    assert out[0].tolist() == [[3.0] * D, [3.0] * D, [13.0] * D, [13.0] * D]
+    assert out[1].tolist() == [[7.0] * D, [7.0] * D, [-3.0] * D, [-3.0] * D]
+
+
+def test_scores_pick_the_matching_key():
+    k, v = _caches()
+    tables = torch.tensor([[3]], dtype=torch.int32)
+    k[3, 0, :, 0] = 100.0  # token 0 matches a query along dim 0 ...
+    k[3, 1, :, 1] = 100.0  # ... token 1 one along dim 1
+    v[3, 0], v[3, 1] = 1.0, 2.0
+    q = torch.zeros(1, HQ, D)
+    q[0, :, 0] = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    q[0, :, 1] = torch.tensor([0.0, 1.0, 0.0, 1.0])
+    out = paged_decode_attention(q, k, v, tables, torch.tensor([2], dtype=torch.int32), 1.0)
+    # exp(-100) vanishes beside 1 in float32: each head reads its key's value alone
+    assert out[0, :, 0].tolist() == [1.0, 2.0, 1.0, 2.0]
