@@ -3,7 +3,11 @@
     python -m pdserve.bench.engine_cpu [--new-tokens 64]
 
 Prints output tokens/s of both at batch 1 and batch 8 (mixed prompt lengths) and
-the ratio; writes bench/results/engine_cpu.json.
+the ratio; writes bench/results/engine_cpu.json. For batch 8 it also measures, in
+the same run, the GEMM floor of a decode step (``bench.gemm_floor``: the model's
+weights, every layer and lm_head, 8 rows, the fastest torch call) beside the step
+time that 2x transformers' tokens/s would allow (8 tokens per step, no prefill
+counted: an upper bound), so that the JSON shows whether 2x is reachable here.
 """
 
 import argparse
@@ -12,6 +16,7 @@ import time
 import torch
 
 from pdserve import LLM, SamplingParams
+from pdserve.bench import gemm_floor
 from pdserve.bench.common import write_result
 from pdserve.engine.tokenizer import apply_chat_template
 
@@ -72,6 +77,22 @@ def main() -> None:
         }
         print(f"batch {batch}: pdserve {max(ours):.1f} tok/s, transformers {max(theirs):.1f} "
               f"tok/s, ratio {max(ours) / max(theirs):.2f}x", flush=True)
+    batch = 8
+    floor = gemm_floor.measure(gemm_floor.decode_weights(llm.engine.model), batch)
+    needed = 1e3 * batch / (2 * rows["batch8"]["transformers_tok_s"])
+    ours = 1e3 * batch / rows["batch8"]["pdserve_tok_s"]
+    rows["batch8"].update({
+        "pdserve_step_ms": round(ours, 2),  # mean per step, prefill included
+        "gemm_floor_step_ms": floor.step_ms,
+        "gemm_floor_form": floor.best_form,
+        "gemm_floor_forms_ms": dict(floor.form_ms),
+        "gemm_floor_num_gemms": floor.num_gemms,
+        "step_ms_needed_for_2x": round(needed, 2),
+    })
+    print(f"batch {batch} ceiling: the {floor.num_gemms} GEMMs of a decode step alone take "
+          f"{floor.step_ms:.1f} ms ({floor.best_form}; {dict(floor.form_ms)}); 2x "
+          f"transformers needs <= {needed:.1f} ms per step (no prefill counted); "
+          f"pdserve: {ours:.1f} ms per step, prefill included", flush=True)
     path = write_result("engine_cpu", {"new_tokens": args.new_tokens,
                                        "torch_threads": torch.get_num_threads(), **rows})
     print(f"wrote {path}")
