@@ -10,12 +10,16 @@ weights: about 63 ms per decode step at M=8), while the transposed problem
 M=1 both run as a single-threaded GEMV (about 37 ms); one zero row added to make
 M=2 takes the GEMM path on both cores (about 29 ms), so a lone row is padded so.
 Each output element is still the dot product of one weight row with one input
-row, summed in float32.
+row, summed in float32. From a few hundred rows on (prefill chunks) ``F.linear``
+is as fast or faster (no transposed output to copy back), so ``Linear`` keeps it
+above ``WXT_MAX_ROWS``.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+WXT_MAX_ROWS = 128  # measured: faster up to 128 rows, slower from 256 (2-core AVX2)
 
 
 def linear_wxt(x: torch.Tensor, weight: torch.Tensor,
@@ -34,9 +38,10 @@ def linear_wxt(x: torch.Tensor, weight: torch.Tensor,
 
 
 class Linear(nn.Linear):
-    """``nn.Linear``; on the CPU with 2-D input its forward is ``linear_wxt``."""
+    """``nn.Linear``; on the CPU with 2-D input of at most ``WXT_MAX_ROWS`` rows its
+    forward is ``linear_wxt``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda or x.dim() != 2:
+        if x.is_cuda or x.dim() != 2 or x.shape[0] > WXT_MAX_ROWS:
             return F.linear(x, self.weight, self.bias)
         return linear_wxt(x, self.weight, self.bias)

@@ -35,3 +35,15 @@ def test_module_keeps_nn_linear_parameters():
         lin.bias.copy_(torch.tensor([0.5, 0.0]))
         assert lin(torch.tensor([[1.0, 2.0, 3.0]])).tolist() == [[7.5, 1.0]]
         assert lin(torch.ones(2, 4, 3)).shape == (2, 4, 2)  # not 2-D: F.linear
+
+
+def test_module_uses_f_linear_above_wxt_max_rows(monkeypatch):
+    from pdserve.engine import linear
+
+    calls = []
+    monkeypatch.setattr(linear, "linear_wxt", lambda *a: calls.append(a[0].shape[0]) or a[0])
+    lin = Linear(3, 3, bias=False)
+    with torch.no_grad():
+        lin(torch.ones(linear.WXT_MAX_ROWS, 3))
+        lin(torch.ones(linear.WXT_MAX_ROWS + 1, 3))
+    assert calls == [linear.WXT_MAX_ROWS]
