@@ -130,11 +130,8 @@ def test_unexpected_finish_is_dropped(peers):
 
 def test_plans_that_disagree_on_dst_blocks_fail_and_write_nothing(peers):
     peers.receiver.call("expect", plan_to_wire(SCHED.plan("dg", None, [5, 6], 0)), 10.0)
-    send_plan = SCHED.plan("dg", [1, 2], [6, 5], 0)
-    peers.sender.call("send", "main", plan_to_wire(send_plan), [0])
-    if peers.transport == "cuda_ipc":  # no layer frames: FINISH carries the dst digest
-        peers.sender.call("send", "main", plan_to_wire(send_plan), [1, 2, 3])
-        peers.sender.call("finish", "main", plan_to_wire(send_plan), b"")
+    # the first LAYER frame (cuda_ipc: the BEGIN frame) carries the dst digest
+    peers.sender.call("send", "main", plan_to_wire(SCHED.plan("dg", [1, 2], [6, 5], 0)), [0])
     assert peers.events(1) == [["error", "dg#0",
                                 "dst block ids differ between prefill and decode plans"]]
     assert peers.stats()["num_pending"] == 0
