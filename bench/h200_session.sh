@@ -23,7 +23,7 @@ for s in $STAGES; do
   case $s in
     fabric_tests)
       stage "$s"
-      timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -x tests/kvfabric 2>&1 | tail -25
+      timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/kvfabric 2>&1 | tail -25
       timeout 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_triton_kv_copy.py 2>&1 | tail -5 ;;
     fabric_micro)
       stage "$s"
@@ -32,6 +32,10 @@ for s in $STAGES; do
       stage "$s"
       timeout 420 python3 bench/disagg_h200.py --transports ${TRANSPORTS:-cuda_ipc,nixl,tcp} \
         --reps ${REPS:-6} ${DISAGG_ARGS:-} 2>&1 | tail -40 ;;
+    gpu_tests)
+      stage "$s"
+      timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine tests/prefill \
+        tests/decode tests/router tests/e2e 2>&1 | tail -25 ;;
     kernels)
       stage "$s"
       timeout 300 python3 bench/kernels_h200.py --b1-sweep --rev "$PDSERVE_REV" 2>&1 | tail -40 ;;
