@@ -161,7 +161,7 @@ class TransferTable:
             t, actions = self._admit(conn, h, False, seal_error)
             if t is None:
                 return actions
-            if all_layers:
+            if all_layers and t.plan.num_blocks:  # (no blocks: every layer counts already)
                 if t.num_layers_seen:
                     return self._fail(t, "layer frames on a path whose layers travel in "
                                          "FINISH", drain=True)
