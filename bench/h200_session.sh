@@ -34,8 +34,10 @@ for s in $STAGES; do
         --reps ${REPS:-6} ${DISAGG_ARGS:-} 2>&1 | tail -40 ;;
     gpu_tests)
       stage "$s"
-      timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine tests/prefill \
-        tests/router tests/e2e 2>&1 | tail -25 ;;
+      # (tests/router and tests/e2e need openai and schemathesis, not carried)
+      timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine tests/prefill \
+        2>&1 | tail -25
+      timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels 2>&1 | tail -8 ;;
     kernels)
       stage "$s"
       timeout 300 python3 bench/kernels_h200.py --b1-sweep --rev "$PDSERVE_REV" 2>&1 | tail -40 ;;
