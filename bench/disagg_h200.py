@@ -233,16 +233,22 @@ def transfer_rates(engine, sender, decode: DecodeProc, num_blocks: int, reps: in
     dst = list(range(num_blocks))  # the decode pool's order differs in general
     out: dict = {}
     for mode in ("layerwise", "bulk"):
-        rates, nbytes, phases = [], 0, []
+        rates, nbytes, phases, gpu_rates = [], 0, [], []
         for r in range(reps + 1):
             plan = planner.plan_from_suffix(f"xfer-{mode}-{r}-{id(sender)}", src, 0, dst)
             decode.expect(plan)
             sync(engine.device)
+            timed = sender.stream_ordered and mode == "bulk"  # its data moves on our stream
+            if timed:
+                ev0, ev1 = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+                ev0.record()
             t0 = time.monotonic()
             if mode == "bulk":
                 nbytes = sender.send_layers(plan, layers)
             else:
                 nbytes = sum(sender.send_layer(plan, i, k, v) for i, (k, v) in enumerate(layers))
+            if timed:
+                ev1.record()
             t_sent = time.monotonic()
             sender.finish(plan, b"")
             t_finished = time.monotonic()
@@ -250,6 +256,8 @@ def transfer_rates(engine, sender, decode: DecodeProc, num_blocks: int, reps: in
             if r:  # the first one warms registrations and buffers
                 rates.append(nbytes / (t1 - t0))
                 phases.append((t_sent - t0, t_finished - t_sent, t1 - t_finished))
+                if timed:
+                    gpu_rates.append(nbytes / (ev0.elapsed_time(ev1) * 1e-3))
         got = decode.call(op="sums", block_ids=dst)["sums"]
         key = "" if mode == "layerwise" else "bulk_"
         out.update({f"{key}phases_ms_median": {  # where the time goes, host clock
@@ -258,6 +266,8 @@ def transfer_rates(engine, sender, decode: DecodeProc, num_blocks: int, reps: in
                     f"{key}bytes_per_s_median": statistics.median(rates),
                     f"{key}bytes_per_s_best": max(rates),
                     f"{key}exact": got == layer_sums(layers, src)})
+        if gpu_rates:  # the bytes moving into the decode worker's memory, GPU time only
+            out["bulk_data_movement_bytes_per_s_median"] = statistics.median(gpu_rates)
     return {"bytes": nbytes, "reps": reps, **out}
 
 
@@ -362,6 +372,13 @@ def fabric_part(args, model_dir: Path, device: torch.device) -> dict:
                 log(f"transfer {name} {key or 'layerwise_'}: "
                     f"{xfer[f'{key}bytes_per_s_median'] / 1e9:.1f} GB/s median, "
                     f"ratio {xfer[f'{key}ratio_to_d2d_copy']:.3f}, exact={xfer[f'{key}exact']}")
+            if "bulk_data_movement_bytes_per_s_median" in xfer:
+                xfer["bulk_data_movement_ratio_to_d2d_copy"] = (
+                    xfer["bulk_data_movement_bytes_per_s_median"] / out["d2d_copy_bytes_per_s"])
+                log(f"transfer {name} data movement (GPU time of the copy into the decode "
+                    f"worker, checksums fused): "
+                    f"{xfer['bulk_data_movement_bytes_per_s_median'] / 1e9:.0f} GB/s, ratio "
+                    f"{xfer['bulk_data_movement_ratio_to_d2d_copy']:.3f}")
             out[f"transfer_{name}"] = xfer
         colo = [ttft_colocated(engine, random_prompt(args.prompt_len, 200 + i), f"colo{i}")
                 for i in range(args.reps)]

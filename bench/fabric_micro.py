@@ -29,7 +29,12 @@ def main() -> None:
     from triton.testing import do_bench
 
     from pdserve.kernels import copy_blocks, pack_blocks
-    from pdserve.kernels.ops import block_checksums, copy_blocks_layers, layer_block_checksums
+    from pdserve.kernels.ops import (
+        block_checksums,
+        copy_blocks_checksums,
+        copy_blocks_layers,
+        layer_block_checksums,
+    )
 
     dev = torch.device("cuda")
     shape = (args.pool, 16, 8, 128)
@@ -78,6 +83,8 @@ def main() -> None:
     for name, fn in {"d2d_copy": lambda: big_b.copy_(big_a),
                      "copy_blocks_layers": lambda: copy_blocks_layers(la, all_ids, lb, all_ids),
                      "layer_block_checksums": lambda: layer_block_checksums(la, all_ids),
+                     "copy_blocks_checksums": lambda: copy_blocks_checksums(la, all_ids, lb,
+                                                                            all_ids),
                      "verify_at_finish": verify}.items():
         ms = do_bench(fn, warmup=5, rep=100)
         out["all_layers"]["cases"][name] = {"us": ms * 1e3, "gb_s": total / (ms * 1e-3) / 1e9}
