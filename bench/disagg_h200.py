@@ -233,22 +233,16 @@ def transfer_rates(engine, sender, decode: DecodeProc, num_blocks: int, reps: in
     dst = list(range(num_blocks))  # the decode pool's order differs in general
     out: dict = {}
     for mode in ("layerwise", "bulk"):
-        rates, nbytes, phases, gpu_rates = [], 0, [], []
+        rates, nbytes, phases = [], 0, []
         for r in range(reps + 1):
             plan = planner.plan_from_suffix(f"xfer-{mode}-{r}-{id(sender)}", src, 0, dst)
             decode.expect(plan)
             sync(engine.device)
-            timed = sender.stream_ordered and mode == "bulk"  # its data moves on our stream
-            if timed:
-                ev0, ev1 = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-                ev0.record()
             t0 = time.monotonic()
             if mode == "bulk":
                 nbytes = sender.send_layers(plan, layers)
             else:
                 nbytes = sum(sender.send_layer(plan, i, k, v) for i, (k, v) in enumerate(layers))
-            if timed:
-                ev1.record()
             t_sent = time.monotonic()
             sender.finish(plan, b"")
             t_finished = time.monotonic()
@@ -256,8 +250,6 @@ def transfer_rates(engine, sender, decode: DecodeProc, num_blocks: int, reps: in
             if r:  # the first one warms registrations and buffers
                 rates.append(nbytes / (t1 - t0))
                 phases.append((t_sent - t0, t_finished - t_sent, t1 - t_finished))
-                if timed:
-                    gpu_rates.append(nbytes / (ev0.elapsed_time(ev1) * 1e-3))
         got = decode.call(op="sums", block_ids=dst)["sums"]
         key = "" if mode == "layerwise" else "bulk_"
         out.update({f"{key}phases_ms_median": {  # where the time goes, host clock
@@ -266,8 +258,20 @@ def transfer_rates(engine, sender, decode: DecodeProc, num_blocks: int, reps: in
                     f"{key}bytes_per_s_median": statistics.median(rates),
                     f"{key}bytes_per_s_best": max(rates),
                     f"{key}exact": got == layer_sums(layers, src)})
-        if gpu_rates:  # the bytes moving into the decode worker's memory, GPU time only
-            out["bulk_data_movement_bytes_per_s_median"] = statistics.median(gpu_rates)
+    if sender.stream_ordered:  # its data moves on our stream: time the GPU part alone
+        gpu_rates = []
+        for r in range(reps):
+            plan = planner.plan_from_suffix(f"xfer-gpu-{r}-{id(sender)}", src, 0, dst)
+            decode.expect(plan)
+            ev0, ev1 = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            torch.cuda._sleep(20_000_000)  # ~10 ms of GPU cycles while the host enqueues
+            ev0.record()
+            sender.send_layers(plan, layers)
+            ev1.record()
+            sender.finish(plan, b"")
+            decode.wait_event()
+            gpu_rates.append(nbytes / (ev0.elapsed_time(ev1) * 1e-3))
+        out["bulk_data_movement_bytes_per_s_median"] = statistics.median(gpu_rates)
     return {"bytes": nbytes, "reps": reps, **out}
 
 
