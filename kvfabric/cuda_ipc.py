@@ -184,10 +184,11 @@ class CudaIpcSenderPath(SenderPath):
             raise ValueError(f"plan {plan.transfer_id}: dst block {max(plan.dst_block_ids)} "
                              f">= receiver's {self._num_blocks} blocks")
         out = self._outgoing.get(plan.transfer_id)
-        if out is None:
-            out = self._outgoing[plan.transfer_id] = _Outgoing(
-                torch.tensor(plan.src_block_ids, dtype=torch.int64).to(device),
-                torch.tensor(plan.dst_block_ids, dtype=torch.int64).to(device))
+        if out is None:  # ids go up from pinned memory without the host waiting for the
+            # stream (a pageable copy would wait for the layer being computed)
+            ids = torch.tensor([plan.src_block_ids, plan.dst_block_ids], dtype=torch.int64)
+            ids = ids.pin_memory().to(device, non_blocking=True)
+            out = self._outgoing[plan.transfer_id] = _Outgoing(ids[0], ids[1])
         return out
 
     def _after_launch(self, out: "_Outgoing", plan: TransferPlan, layers: list[int],
