@@ -55,6 +55,7 @@ class NixlTransport(Transport):
                 f"the 'nixl' KV transport needs the 'nixl' package (pip install nixl): {e}"
             ) from e
         self._make = lambda name: nixl_agent(name, nixl_agent_config(
+            enable_prog_thread=False,
             backends=["UCX"], sync_mode=nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT))
         self._agent = None
         self._lock = threading.Lock()

@@ -114,6 +114,7 @@ class KVReceiver:
         self._conns_lock = threading.Lock()
         self._table = TransferTable(identity, self._live_conns)
         self._closing = threading.Event()
+        self._wake = threading.Event()  # set by expect and close: poll now
         self._listener = socket.create_server((host, port))
         self._listener.settimeout(0.2)
         self.address = f"{host}:{self._listener.getsockname()[1]}"
@@ -146,6 +147,7 @@ class KVReceiver:
         dst_index = torch.tensor(plan.dst_block_ids, dtype=torch.int64, device=device)
         self._table.add(self._table.new_pending(plan, dst_index, on_complete, on_error,
                                                 timeout_s, on_timing))
+        self._wake.set()
 
     def cancel(self, transfer_id: str, reason: str = "cancelled by the decode side") -> bool:
         """Stop expecting a transfer; its on_error runs (nixl: once peers confirm).
@@ -179,6 +181,7 @@ class KVReceiver:
     def close(self) -> None:
         """Stop listening, drop every connection (their transfers fail). Idempotent."""
         self._closing.set()
+        self._wake.set()
         self._listener.close()
         with self._conns_lock:
             conns = list(self._conns)
@@ -214,8 +217,14 @@ class KVReceiver:
                              name=f"kvrecv-conn-{conn.peer}").start()
 
     def _service_loop(self) -> None:
-        idle_s = 0.0005 if self._path.has_notifications else 0.02
-        while not self._closing.wait(idle_s):
+        """Poll notifications every 0.5 ms while a transfer is expected, every 20 ms
+        otherwise (fast polling costs a core's worth of wake-ups, which a small CPU box
+        takes from the engine; ``expect`` wakes the loop)."""
+        fast = self._path.has_notifications
+        while not self._closing.is_set():
+            busy = fast and len(self._table) > 0
+            self._wake.wait(0.0005 if busy else 0.02)
+            self._wake.clear()
             for agent, msg in self._path.poll_notifications():
                 self._on_notification(agent, msg)
             run_actions(self._table.expire(time.monotonic()))
