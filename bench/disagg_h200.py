@@ -20,16 +20,16 @@ UCX_TLS to see and force it); tcp 0.46 GB/s. Layer-wise push hid most of it: the
 layer landed 1.4 ms after prefill ended, but prefill with the push ran 128 ms against
 105 ms colocated (TTFT 1.23x). Greedy text and logprobs identical over HTTP.
 
-Run of rev a6ab2b1 (bench/results/disagg_h200.json), cuda_ipc added: TTFT of the 4k prompt
-105.1 ms against 102.7 ms colocated = 1.023x (nixl 1.174x); the last layer landed 2.1 ms
-after prefill ended. Transfer of the 512 MiB into the decode worker's memory: the data
-moves at 1.89 TB/s = 0.90x the 2.09 TB/s d2d copy (GPU time of the cross-process copy,
-checksums fused); end to end, from the first send to the decode side's completion with
-every block's digest checked there, 195 GB/s in one send_layers call (0.09x) and
-56-110 GB/s layer by layer across runs: a fixed ~2 ms per transfer of host-side Python
-on both sides plus the receiver re-reading the 512 MiB to check it (0.32 ms,
-fabric_micro_h200.json). Greedy text and logprobs identical over HTTP with cuda_ipc
-serving; HTTP TTFT 114-153 ms disaggregated, 102-162 ms colocated.
+Run of rev 951ecb2 (bench/results/disagg_h200.json), cuda_ipc added: TTFT of the 4k prompt
+109.5 ms against 105.4 ms colocated = 1.039x (1.023-1.054x over this session's runs; nixl
+1.189x); the last layer landed 2.2 ms after prefill ended. Transfer of the 512 MiB into
+the decode worker's memory: the data moves at 1.94 TB/s = 0.92x the 2.10 TB/s d2d copy
+(GPU time of the cross-process copy, checksums fused); end to end, from the first send
+to the decode side's completion with every block's digest checked there, 237 GB/s in
+one send_layers call (0.11x) and 56-110 GB/s layer by layer across runs: a fixed ~2 ms
+per transfer of host-side Python on both sides plus the receiver re-reading the 512 MiB
+to check it (0.32 ms, fabric_micro_h200.json). Greedy text and logprobs identical over
+HTTP with cuda_ipc serving; HTTP TTFT 113-190 ms disaggregated, 111-176 ms colocated.
 """
 
 import argparse
