@@ -18,23 +18,20 @@ import socket
 import threading
 import time
 
-import numpy as np
 import torch
 
-from pdserve.kernels.ops import layer_block_checksums
 from pdserve.kvfabric.descriptors import FabricIdentity, TransferPlan
 from pdserve.kvfabric.digests import (
     ALGO_NAMES,
-    ALGO_WSUM,
     DigestError,
     as_block_rows,
     block_digests,
     cache_block_digests,
     check_finish_mac,
-    decode_finish_aux,
     decode_layer_aux,
     mac_key,
 )
+from pdserve.kvfabric.finish_check import landed_digest_error
 from pdserve.kvfabric.frames import (
     ABORT,
     BEGIN,
@@ -271,34 +268,12 @@ class KVReceiver:
                 f"{plan.dst_block_ids[bad % n]}, {ALGO_NAMES[sent.algo]})")
 
     def _finish_digest_error(self, h: FrameHeader, aux: bytes, payload: bytes) -> str | None:
-        """Why a digest-carrying FINISH does not vouch for what landed, or None: its seal,
-        then every layer's digests against the dst blocks (one checksum launch for the
-        engine's cache, one device-to-host copy)."""
+        """Why a digest-carrying FINISH does not vouch for what landed, or None."""
         t = self._table.lookup(h)
         if t is None:
             return None  # finish_arrived drops or fails it with the reason
-        plan = t.plan
-        try:
-            algo, sent = decode_finish_aux(self._mac_key, encode_raw_header(h), payload, aux,
-                                           plan.num_layers)
-        except DigestError as e:
-            return f"finish frame: {e}"
-        n = plan.num_blocks
-        if sent.shape[1] != 2 * n:
-            return (f"finish frame carries {sent.size} block digests, expected "
-                    f"{2 * n * plan.num_layers}")
-        if n == 0:
-            return None
-        if algo != ALGO_WSUM:
-            return f"finish frame digests use {ALGO_NAMES[algo]}, expected wsum"
-        landed = layer_block_checksums(self._kv_layers, t.dst_index).cpu().numpy()  # [L, 2n]
-        wrong = np.flatnonzero(landed != sent)
-        if wrong.size == 0:
-            return None
-        layer, bad = divmod(int(wrong[0]), 2 * n)
-        half = "K" if bad < n else "V"
-        return (f"digest mismatch in layer {layer}, block {bad} ({half} of dst block "
-                f"{plan.dst_block_ids[bad % n]}, {ALGO_NAMES[algo]})")
+        return landed_digest_error(self._mac_key, encode_raw_header(h), payload, aux, t.plan,
+                                   self._kv_layers, t.dst_index)
 
     def _serve(self, conn: _Conn) -> None:
         try:
