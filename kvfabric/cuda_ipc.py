@@ -180,10 +180,11 @@ class CudaIpcSenderPath(SenderPath):
         return 2 * plan.num_blocks * self.identity.bytes_per_block * len(kv_layers)
 
     def _outgoing_for(self, plan: TransferPlan, device: torch.device) -> "_Outgoing":
-        if max(plan.dst_block_ids) >= self._num_blocks:
+        """The transfer's state, made (and its dst ids checked) at its first send."""
+        out = self._outgoing.get(plan.transfer_id)
+        if out is None and max(plan.dst_block_ids) >= self._num_blocks:
             raise ValueError(f"plan {plan.transfer_id}: dst block {max(plan.dst_block_ids)} "
                              f">= receiver's {self._num_blocks} blocks")
-        out = self._outgoing.get(plan.transfer_id)
         if out is None:  # ids go up from pinned memory without the host waiting for the
             # stream (a pageable copy would wait for the layer being computed)
             ids = torch.tensor([plan.src_block_ids, plan.dst_block_ids], dtype=torch.int64)

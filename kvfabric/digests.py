@@ -133,27 +133,40 @@ def _mac(key: bytes, header: bytes, body: bytes | memoryview) -> bytes:
 
 def layer_aux_size(num_blocks: int) -> int:
     """Bytes of a LAYER frame's aux section for a plan of ``num_blocks``. Pure."""
-    return _AUX.size + 8 * num_blocks + MAC_SIZE
+    return finish_aux_size(2 * num_blocks)
+
+
+def _seal(key: bytes, sealed: bytes, algo: int, count: int, words: bytes) -> bytes:
+    """An aux section: algorithm, count, ``words`` (count uint32), then the MAC of
+    ``sealed`` + all of that. Pure."""
+    body = _AUX.pack(algo, count) + words
+    return body + _mac(key, sealed, body)
+
+
+def _open(key: bytes, sealed: bytes, aux: bytes, what: str) -> tuple[int, int, bytes]:
+    """Check an aux section's seal over ``sealed`` (``what`` it covers, for the message):
+    (algorithm, count, body). Raises DigestError. Pure."""
+    if len(aux) < _AUX.size + MAC_SIZE:
+        raise DigestError(f"digest section of {len(aux)} bytes is too short")
+    body, mac = aux[:-MAC_SIZE], aux[-MAC_SIZE:]
+    if not hmac.compare_digest(mac, _mac(key, sealed, body)):
+        raise DigestError(f"digest seal does not match the frame (replayed, rewritten or "
+                          f"corrupted {what})")
+    algo, count = _AUX.unpack_from(body)
+    if algo not in ALGO_NAMES or len(body) != _AUX.size + 4 * count:
+        raise DigestError(f"bad digest section (algorithm {algo}, {count} digests)")
+    return algo, count, body
 
 
 def encode_layer_aux(key: bytes, header: bytes, digests: BlockDigests) -> bytes:
     """The aux section of a LAYER frame whose header bytes are ``header``. Pure."""
-    body = _AUX.pack(digests.algo, len(digests.values)) + struct.pack(
-        f"<{len(digests.values)}I", *digests.values)
-    return body + _mac(key, header, body)
+    n = len(digests.values)
+    return _seal(key, header, digests.algo, n, struct.pack(f"<{n}I", *digests.values))
 
 
 def decode_layer_aux(key: bytes, header: bytes, aux: bytes) -> BlockDigests:
     """Check the seal and parse a LAYER frame's aux section. Raises DigestError. Pure."""
-    if len(aux) < _AUX.size + MAC_SIZE:
-        raise DigestError(f"digest section of {len(aux)} bytes is too short")
-    body, mac = aux[:-MAC_SIZE], aux[-MAC_SIZE:]
-    if not hmac.compare_digest(mac, _mac(key, header, body)):
-        raise DigestError("digest seal does not match the frame (replayed, rewritten or "
-                          "corrupted header or digests)")
-    algo, count = _AUX.unpack_from(body)
-    if algo not in ALGO_NAMES or len(body) != _AUX.size + 4 * count:
-        raise DigestError(f"bad digest section (algorithm {algo}, {count} digests)")
+    algo, count, body = _open(key, header, aux, "header or digests")
     return BlockDigests(algo, struct.unpack_from(f"<{count}I", body, _AUX.size))
 
 
@@ -168,23 +181,14 @@ def encode_finish_aux(key: bytes, header: bytes, payload: bytes, algo: int,
     ``[num_layers, 2n]`` (any integer dtype, values < 2**32), layer order; sealed with the
     header bytes and the payload. The LAYER aux format, built without Python ints. Pure."""
     flat = np.ascontiguousarray(values, dtype="<u4").reshape(-1)
-    body = _AUX.pack(algo, flat.size) + flat.tobytes()
-    return body + _mac(key, header + payload, body)
+    return _seal(key, header + payload, algo, flat.size, flat.tobytes())
 
 
 def decode_finish_aux(key: bytes, header: bytes, payload: bytes, aux: bytes,
                       num_layers: int) -> tuple[int, np.ndarray]:
     """Check the seal of a digest-carrying FINISH aux: (algorithm, ``[num_layers, m]``
     uint32 digests). Raises DigestError. Pure."""
-    if len(aux) < _AUX.size + MAC_SIZE:
-        raise DigestError(f"digest section of {len(aux)} bytes is too short")
-    body, mac = aux[:-MAC_SIZE], aux[-MAC_SIZE:]
-    if not hmac.compare_digest(mac, _mac(key, header + payload, body)):
-        raise DigestError("digest seal does not match the frame (replayed, rewritten or "
-                          "corrupted header, payload or digests)")
-    algo, count = _AUX.unpack_from(body)
-    if algo not in ALGO_NAMES or len(body) != _AUX.size + 4 * count:
-        raise DigestError(f"bad digest section (algorithm {algo}, {count} digests)")
+    algo, count, body = _open(key, header + payload, aux, "header, payload or digests")
     if count % num_layers:
         raise DigestError(f"{count} block digests do not split into {num_layers} layers")
     values = np.frombuffer(body, dtype="<u4", offset=_AUX.size, count=count)
