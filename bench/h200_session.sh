@@ -40,7 +40,8 @@ for s in $STAGES; do
       timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels 2>&1 | tail -8 ;;
     kernels)
       stage "$s"
-      timeout 300 python3 bench/kernels_h200.py --b1-sweep --rev "$PDSERVE_REV" 2>&1 | tail -40 ;;
+      timeout ${KERNELS_TIMEOUT:-300} python3 bench/kernels_h200.py ${KERNELS_ARGS:---b1-sweep} \
+        --rev "$PDSERVE_REV" 2>&1 | tail -${KERNELS_TAIL:-40} ;;
     engine)
       stage "$s"
       timeout 420 python3 bench/engine_h200.py --trace .carry/trace.csv 2>&1 | tail -30 ;;

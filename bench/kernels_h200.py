@@ -12,8 +12,11 @@
    prefill (causal TFLOP/s vs SDPA flash on the same work), store_kv and
    pack/unpack (bytes/s vs the copy bandwidth). ``--sweep`` also times other
    launch shapes and records them; ``--b1-sweep`` only the batch-1 decode, over
-   block_n 32/64, 2/4 warps, 2-4 stages and partitions of 128/256/512 tokens
+   block_n 32/64/128 or one tile per partition, 2/4/8 warps, 1-3 stages, block
+   ids loaded in the loop or up front, and partitions of 128/256/512 tokens
    (plus the default launch; ``best_graph`` is the fastest CUDA-graph replay).
+   The batch-1 row also gets the read floor (``read_floor.py``): the fastest
+   kernel that merely reads the same bytes, and an empty launch.
 
 Prints a table last; writes ``kernels_h200.json`` to $OUT (if set) or bench/results.
 ``--plot bench/results/kernels_h200.json`` draws the decode sweep (no GPU needed).
@@ -32,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
+from pdserve.bench.read_floor import read_floor
 from pdserve.kernels import reference
 from pdserve.kernels.triton_blocks import pack_blocks, unpack_blocks
 from pdserve.kernels.triton_decode import (
@@ -178,6 +182,9 @@ def run_checks():
         for d, bs in ((128, 16), (64, 32)):
             lens = [1, 17, random.randint(1, 4096), random.randint(1, 4096), 4095]
             for label, tuning in (("default", None), ("split128", DecodeTuning(128, 64)),
+                                  ("upfront256", DecodeTuning(256, 64, ids_upfront=True)),
+                                  ("one_tile256", DecodeTuning(256, 256, 8, 1,
+                                                               ids_upfront=True)),
                                   ("split256_merge_kernel",
                                    DecodeTuning(256, 64, fused_reduce=False)),
                                   ("whole", DecodeTuning(4096, 64))):
@@ -206,9 +213,10 @@ def sdpa_decode_ms(q, kc, vc, scale):
     return min(a, b), {"grouped_rows_ms": a, "enable_gqa_ms": b}
 
 
-DECODE_SWEEP = [(64, 4, 3), (128, 4, 2)]
-# (block_n, num_warps, num_stages) x fused merge or a merge kernel x partition sizes
-B1_SWEEP = list(itertools.product((32, 64), (2, 4), (2, 3, 4))) + [(128, 4, 2)]
+DECODE_SWEEP = [(64, 4, 3, False), (64, 4, 2, False), (128, 4, 2, False)]
+# (block_n, num_warps, num_stages, ids_upfront) x fused merge or a merge kernel x partitions
+B1_SWEEP = list(itertools.product((32, 64, 128), (2, 4), (2, 3), (False, True))) + [
+    (None, 4, 1, True), (None, 8, 1, True)]  # None: block_n = partition (one tile)
 B1_PARTS = (128, 256, 512)
 # --b1-sweep: the latency-bound batch-1 case over more launch shapes (fused merge only,
 # partitions of B1_PARTS tokens; the default launch is timed again among them)
@@ -249,9 +257,11 @@ def bench_decode(name, lens, sweep, copy_bw, grid=None):
             parts = sorted({p for p in (128, 256, 512, 1024, 2048) if p < max_tokens}
                            | {max_tokens})
         fused_opts = (True,) if grid else (True, False)
-        tunes = [DecodeTuning(part, bn, w, s, fused) for (bn, w, s), fused, part
+        tunes = [DecodeTuning(part, bn or part, w, s, fused, up)
+                 for (bn, w, s, up), fused, part
                  in itertools.product(grid or DECODE_SWEEP, fused_opts, parts)
-                 if part < max_tokens or fused]  # one partition: no merge at all
+                 if (part < max_tokens or fused)  # one partition: no merge at all
+                 and (bn or part) <= part and (bn or part) <= 256]
         default = default_tuning(n, HKV, tables.shape[1], BS, q.device)
         if grid and default not in tunes:
             tunes.append(default)
@@ -266,6 +276,10 @@ def bench_decode(name, lens, sweep, copy_bw, grid=None):
                           "graph_ms": ms(graph.replay, rep=30), "default": tune == default})
         row["sweep"] = sorted(tried, key=lambda r: r["ms"])
         row["best_graph"] = min(tried, key=lambda r: r["graph_ms"])  # what a served step sees
+    if n == 1:  # latency-bound: also what merely reading these bytes costs one launch
+        floor = read_floor(kv_bytes)
+        row["read_floor"] = {k: v for k, v in floor.items() if k != "tried"}
+        row["ratio_read_floor_graph"] = floor["best_graph"]["graph_ms"] / row["graph_ms"]
     return row
 
 
@@ -490,6 +504,11 @@ def print_table(r):
             best = d.get("best_graph", best)
             print(f"  best swept in a graph: {best['tuning']} {best['graph_ms']:.4f} ms "
                   f"{d['kv_bytes'] / best['graph_ms'] / 1e9:.2f} TB/s")
+        if d.get("read_floor"):
+            f = d["read_floor"]
+            print(f"  reading the same bytes: {f['best_graph']['graph_ms']:.4f} ms in a graph "
+                  f"({f['graph_tbps']:.2f} TB/s); empty launch {f['empty_kernel_graph_ms']:.4f}"
+                  f" ms; default / read floor {d['ratio_read_floor_graph']:.2f}")
     for p in r["prefill"]:
         base = f"{p['sdpa_tflops']:.0f} TF SDPA" if "sdpa_tflops" in p else "-"
         ratio = f"{p['ratio_sdpa']:.2f}" if "ratio_sdpa" in p else "-"
