@@ -183,7 +183,7 @@ def run_checks():
             lens = [1, 17, random.randint(1, 4096), random.randint(1, 4096), 4095]
             for label, tuning in (("default", None), ("split128", DecodeTuning(128, 64)),
                                   ("upfront256", DecodeTuning(256, 64, ids_upfront=True)),
-                                  ("one_tile256", DecodeTuning(256, 256, 8, 1,
+                                  ("one_tile128", DecodeTuning(128, 128, 8, 1,
                                                                ids_upfront=True)),
                                   ("split256_merge_kernel",
                                    DecodeTuning(256, 64, fused_reduce=False)),
