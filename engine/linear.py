@@ -1,8 +1,12 @@
-"""``Linear``: ``nn.Linear`` whose CPU forward asks MKL for ``W @ x^T`` instead.
+"""``Linear``: ``nn.Linear`` with faster calls for decode-sized inputs.
 
 Same parameters, same layout (``weight`` ``[out, in]`` row-major, one copy), so
-``load_weights``, weight tying and CUDA (which keeps ``nn.Linear``'s call and
-cuBLAS's numerics) are unchanged. On the CPU, for ``x`` of ``M`` rows,
+``load_weights`` and weight tying are unchanged. On CUDA, bf16/fp16 input of 1..8
+rows (decode steps) runs the Triton GEMV (``kernels.ops.linear_small_m``), a pure
+weight stream meant to beat cuBLAS's small-M GEMMs (~0.9x the copy rate on the H200;
+``bench/gemv_h200.py`` measures both); every other CUDA input, float32 included (the
+exact-match tests against transformers run fp32), keeps ``F.linear`` and cuBLAS's
+numerics. On the CPU, for ``x`` of ``M`` rows,
 ``F.linear`` computes ``x @ W^T``; MKL runs that shape as a skinny GEMM that is
 slow for small ``M`` (SmolLM2-135M's layer GEMMs plus lm_head, 2 AVX2 cores, cold
 weights: about 63 ms per decode step at M=8), while the transposed problem
@@ -18,6 +22,8 @@ above ``WXT_MAX_ROWS``.
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pdserve.kernels import ops
 
 WXT_MAX_ROWS = 128  # measured: faster up to 128 rows, slower from 256 (2-core AVX2)
 
@@ -38,10 +44,13 @@ def linear_wxt(x: torch.Tensor, weight: torch.Tensor,
 
 
 class Linear(nn.Linear):
-    """``nn.Linear``; on the CPU with 2-D input of at most ``WXT_MAX_ROWS`` rows its
-    forward is ``linear_wxt``."""
+    """``nn.Linear``; on CUDA, ``ops.linear_small_m`` where ``ops.can_gemv`` (bf16/fp16,
+    1..8 rows); on the CPU with 2-D input of at most ``WXT_MAX_ROWS`` rows its forward
+    is ``linear_wxt``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and ops.can_gemv(x, self.weight):
+            return ops.linear_small_m(x, self.weight, self.bias)
         if x.is_cuda or x.dim() != 2 or x.shape[0] > WXT_MAX_ROWS:
             return F.linear(x, self.weight, self.bias)
         return linear_wxt(x, self.weight, self.bias)

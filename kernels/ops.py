@@ -4,6 +4,9 @@ import torch
 
 from pdserve.kernels import reference
 
+GEMV_MAX_ROWS = 8  # = triton_gemv.MAX_ROWS (not imported: that module needs triton)
+GEMV_DTYPES = (torch.float16, torch.bfloat16)
+
 
 def _use_triton(t: torch.Tensor) -> bool:
     if not t.is_cuda:
@@ -116,3 +119,23 @@ def copy_blocks_checksums(src_layers, src_ids, dst_layers, dst_ids):
 
         return impl(src_layers, src_ids, dst_layers, dst_ids)
     return reference.copy_blocks_checksums(src_layers, src_ids, dst_layers, dst_ids)
+
+
+def can_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``linear_small_m`` runs the Triton GEMV for these operands: CUDA, 2-D
+    ``x`` of 1..``GEMV_MAX_ROWS`` rows, bf16/fp16 like ``weight``, whose rows are
+    contiguous along K. Pure."""
+    return (x.dim() == 2 and 1 <= x.shape[0] <= GEMV_MAX_ROWS and x.dtype in GEMV_DTYPES
+            and weight.dtype == x.dtype and weight.dim() == 2 and weight.stride(1) == 1
+            and _use_triton(x))
+
+
+def linear_small_m(x, weight, bias=None):
+    """See ``reference.linear``: ``x @ weight^T + bias`` for decode-sized ``x``
+    (``[M, K]``, M <= 8); the Triton GEMV (``triton_gemv.gemv``) when ``can_gemv``,
+    else the reference. Returns a new ``[M, N]`` tensor."""
+    if can_gemv(x, weight):
+        from pdserve.kernels.triton_gemv import gemv
+
+        return gemv(x, weight, bias)
+    return reference.linear(x, weight, bias)

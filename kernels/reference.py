@@ -224,3 +224,14 @@ def checksum_rows(rows: torch.Tensor) -> torch.Tensor:
     cw = (c * 0x85EBCA6B) % WSUM_P + 1  # [num_chunks]
     inner = torch.remainder((x.view(m, num_chunks, chunk) * w).sum(-1), WSUM_P)
     return torch.remainder(torch.remainder(inner * cw, WSUM_P).sum(-1), WSUM_P)  # [m]
+
+
+def linear(
+    x: torch.Tensor,  # [M, K]
+    weight: torch.Tensor,  # [N, K]
+    bias: torch.Tensor | None = None,  # [N]
+) -> torch.Tensor:  # [M, N]
+    """``x @ weight^T + bias``: ``torch.nn.functional.linear``, the contract of
+    ``triton_gemv.gemv`` (which accumulates in float32 and rounds once to x's dtype).
+    Pure: returns a new tensor."""
+    return torch.nn.functional.linear(x, weight, bias)

@@ -1,0 +1,245 @@
+"""Skinny GEMM for decode steps: ``y = x @ W^T (+ bias)`` for ``x`` of 1..8 rows.
+
+``x`` ``[M, K]``, ``weight`` ``[N, K]`` (``torch.nn.Linear`` layout, each row contiguous
+along K), ``y`` ``[M, N]``; bf16/fp16 in, fp32 accumulation. At M <= 8 the work is
+reading W once, so the kernel is a weight stream: the grid tiles N by ``BLOCK_N`` rows
+and each program walks its ``[BLOCK_N, K]`` slab of W in ``[BLOCK_N, BLOCK_K]`` tiles
+(16-byte loads along K), multiplying by the tiny, cache-resident ``x``::
+
+      W [N, K]                          x [M, K]
+      +---------------------------+
+      | pid 0: BLOCK_N rows  ---> |  .  each tile [BLOCK_N, BLOCK_K] . x rows
+      | pid 1                ---> |     -> out[:, pid * BLOCK_N : (pid + 1) * BLOCK_N]
+      | ...                       |
+      +---------------------------+
+
+No split-K: N alone gives 256+ programs of 16 rows for every Llama-3-8B projection,
+so there is no partial-sum pass. Two inner products, chosen per shape by autotuning:
+
+- ``use_dot=False`` (M <= 4): CUDA-core FMAs, the tile in registers, one reduction
+  over K per tile and x row. Memory-level parallelism comes from big tiles and several
+  resident programs (Triton does not pipeline these loads).
+- ``use_dot=True``: the tile times x^T padded to 16 columns on the tensor cores;
+  ``num_stages`` pipelines the W tiles through shared memory (cp.async), so several
+  tiles per program are in flight. Padding rows of x are masked (never read).
+
+The first eager call for a (N, K, M bucket, dtype) runs ``triton.autotune`` over
+``CONFIGS`` (L2 flushed between runs) and remembers its pick; later calls launch that
+config directly (no autotuner on the hot path). A call made while a CUDA graph is being
+captured never autotunes: it uses the remembered pick, or ``default_config`` if the
+shape was never run eagerly. The launch has no host sync, so it captures as is.
+
+Public names: ``gemv``, ``GemvConfig``, ``CONFIGS``, ``default_config``,
+``chosen_configs``, ``MAX_ROWS``.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+import triton.testing
+
+MAX_ROWS = 8  # the largest M this kernel takes
+MAX_FMA_ROWS = 4  # the FMA variant keeps one accumulator per x row, up to this many
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    use_dot: bool
+
+
+# Modest on purpose: every entry compiles once per M bucket (1, 2, 4, 8) and dtype, and
+# is timed once per weight shape, the first time the engine warms up.
+CONFIGS = (
+    GemvConfig(16, 256, 4, 1, False),  # FMA: a warp spans BLOCK_K (reduction in-warp)
+    GemvConfig(32, 256, 4, 1, False),
+    GemvConfig(8, 512, 2, 1, False),
+    GemvConfig(16, 512, 4, 1, False),
+    GemvConfig(32, 512, 8, 1, False),
+    GemvConfig(16, 256, 4, 4, True),  # tensor cores, W tiles pipelined through smem
+    GemvConfig(16, 512, 4, 3, True),
+    GemvConfig(32, 256, 4, 4, True),
+    GemvConfig(32, 128, 4, 6, True),
+    GemvConfig(64, 128, 4, 4, True),
+)
+
+
+def m_bucket(m: int) -> int:
+    """The compiled row count for ``m`` rows: the next power of two (1, 2, 4, 8)."""
+    return triton.next_power_of_2(m)
+
+
+def default_config(n: int, k: int, m: int) -> GemvConfig:
+    """Untimed choice (used only when a graph is captured before any eager call)."""
+    return CONFIGS[0] if m_bucket(m) <= 2 else CONFIGS[5]
+
+
+@triton.jit
+def _row_dot(w, x_ptrs, k_mask, EVEN_K: tl.constexpr):
+    """sum_k w[n, k] * x[k] in fp32: ``w`` fp32 [BLOCK_N, BLOCK_K], ``x_ptrs`` the x row
+    broadcast to the same shape (so it loads in w's layout, no shared-memory shuffle;
+    the repeated loads hit L1) -> [BLOCK_N]."""
+    if EVEN_K:
+        x = tl.load(x_ptrs)
+    else:
+        x = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
+    return tl.sum(w * x.to(tl.float32), axis=1)
+
+
+@triton.jit
+def _store_row(out_ptr, acc, bias, offs_n, row, M, N, stride_om, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        acc += bias
+    if row < M:
+        tl.store(out_ptr + row * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty),
+                 mask=offs_n < N)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 USE_DOT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    # rows past N read row N - 1 (valid memory, no mask on the W stream); not stored
+    rows_w = tl.minimum(offs_n, N - 1).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + rows_w[:, None] * stride_wn + offs_k[None, :]  # [BLOCK_N, BLOCK_K]
+    bias = tl.zeros([BLOCK_N], tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+    if USE_DOT:
+        offs_m = tl.arange(0, 16)  # x^T padded to the 16 columns a dot needs
+        m_mask = offs_m < M
+        xt_ptrs = x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None]  # [BLOCK_K, 16]
+        acc = tl.zeros([BLOCK_N, 16], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                w = tl.load(w_ptrs)
+                xt = tl.load(xt_ptrs, mask=m_mask[None, :], other=0.0)
+            else:
+                k_mask = (k0 + offs_k) < K
+                w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
+                xt = tl.load(xt_ptrs, mask=m_mask[None, :] & k_mask[:, None], other=0.0)
+            acc = tl.dot(w, xt, acc)
+            w_ptrs += BLOCK_K
+            xt_ptrs += BLOCK_K
+        if HAS_BIAS:
+            acc += bias[:, None]
+        out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty),
+                 mask=m_mask[None, :] & (offs_n[:, None] < N))
+    else:
+        tl.static_assert(BLOCK_M <= 4)
+        # x rows past M re-read row M - 1 (cached); their results are not stored
+        x_tile = (offs_n * 0)[:, None] + offs_k[None, :]  # [BLOCK_N, BLOCK_K], rows alike
+        x0 = x_ptr + x_tile
+        x1 = x_ptr + tl.minimum(1, M - 1) * stride_xm + x_tile
+        x2 = x_ptr + tl.minimum(2, M - 1) * stride_xm + x_tile
+        x3 = x_ptr + tl.minimum(3, M - 1) * stride_xm + x_tile
+        acc0 = tl.zeros([BLOCK_N], tl.float32)
+        acc1 = tl.zeros([BLOCK_N], tl.float32)
+        acc2 = tl.zeros([BLOCK_N], tl.float32)
+        acc3 = tl.zeros([BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_mask = (k0 + offs_k) < K
+            if EVEN_K:
+                w = tl.load(w_ptrs).to(tl.float32)
+            else:
+                w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0).to(tl.float32)
+            acc0 += _row_dot(w, x0 + k0, k_mask, EVEN_K)
+            if BLOCK_M > 1:
+                acc1 += _row_dot(w, x1 + k0, k_mask, EVEN_K)
+            if BLOCK_M > 2:
+                acc2 += _row_dot(w, x2 + k0, k_mask, EVEN_K)
+                acc3 += _row_dot(w, x3 + k0, k_mask, EVEN_K)
+            w_ptrs += BLOCK_K
+        _store_row(out_ptr, acc0, bias, offs_n, 0, M, N, stride_om, HAS_BIAS)
+        if BLOCK_M > 1:
+            _store_row(out_ptr, acc1, bias, offs_n, 1, M, N, stride_om, HAS_BIAS)
+        if BLOCK_M > 2:
+            _store_row(out_ptr, acc2, bias, offs_n, 2, M, N, stride_om, HAS_BIAS)
+            _store_row(out_ptr, acc3, bias, offs_n, 3, M, N, stride_om, HAS_BIAS)
+
+
+def _triton_config(c: GemvConfig) -> triton.Config:
+    return triton.Config({"BLOCK_N": c.block_n, "BLOCK_K": c.block_k, "USE_DOT": c.use_dot},
+                         num_warps=c.num_warps, num_stages=c.num_stages)
+
+
+def _prune(configs, nargs, **kwargs):
+    """FMA variants only up to ``MAX_FMA_ROWS`` rows (one accumulator per row)."""
+    block_m = kwargs["BLOCK_M"]
+    return [c for c in configs if c.kwargs["USE_DOT"] or block_m <= MAX_FMA_ROWS]
+
+
+def _bench(fn, quantiles):
+    return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+
+
+_gemv_autotuned = triton.autotune(
+    configs=[_triton_config(c) for c in CONFIGS], key=["N", "K", "BLOCK_M"],
+    prune_configs_by={"early_config_prune": _prune}, do_bench=_bench,
+)(triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_gemv_kernel))
+
+# (N, K, M bucket, dtype, device index) -> the config autotuning picked
+_chosen: dict[tuple, GemvConfig] = {}
+
+
+def chosen_configs() -> dict[tuple, GemvConfig]:
+    """A copy of the picks made so far, keyed ``(N, K, M bucket, dtype, device index)``."""
+    return dict(_chosen)
+
+
+def _from_triton(c: triton.Config) -> GemvConfig:
+    return GemvConfig(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages,
+                      bool(c.kwargs["USE_DOT"]))
+
+
+def _grid(n: int):
+    return lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+         out: torch.Tensor | None = None, config: GemvConfig | None = None) -> torch.Tensor:
+    """``x @ weight^T (+ bias)``: x ``[M, K]`` (1 <= M <= 8), weight ``[N, K]`` with
+    stride 1 along K, bias ``[N]``, all one dtype (bf16 or fp16); fp32 accumulation.
+    Writes ``out`` ``[M, N]`` (allocated when None; its last stride must be 1) and
+    returns it. ``config`` forces a variant (tests, sweeps); otherwise see the module
+    doc. Mutates ``out`` and, on a shape's first eager call, the module's record of
+    autotuning picks; no host sync (graph-capturable)."""
+    m, k = x.shape
+    n = weight.shape[0]
+    assert 1 <= m <= MAX_ROWS, f"gemv takes 1..{MAX_ROWS} rows, got {m}"
+    assert weight.shape[1] == k and weight.stride(1) == 1, "weight must be [N, K], K-contiguous"
+    assert x.dtype == weight.dtype and x.dtype in (torch.float16, torch.bfloat16), \
+        (x.dtype, weight.dtype)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    assert out.shape == (m, n) and out.stride(1) == 1
+    has_bias = bias is not None
+    args = (x, weight, bias if has_bias else out, out, m, n, k, x.stride(0), weight.stride(0),
+            out.stride(0))
+    block_m = m_bucket(m)
+    if config is None:
+        key = (n, k, block_m, x.dtype, x.device.index)
+        config = _chosen.get(key)
+        if config is None:
+            if x.is_cuda and torch.cuda.is_current_stream_capturing():
+                config = default_config(n, k, m)  # never time inside a capture
+            else:
+                _gemv_autotuned[_grid(n)](*args, BLOCK_M=block_m, HAS_BIAS=has_bias)
+                _chosen[key] = _from_triton(_gemv_autotuned.best_config)
+                return out
+    _gemv_kernel[(triton.cdiv(n, config.block_n),)](
+        *args, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        USE_DOT=config.use_dot, HAS_BIAS=has_bias, EVEN_K=k % config.block_k == 0,
+        num_warps=config.num_warps, num_stages=config.num_stages)
+    return out
