@@ -216,8 +216,8 @@ def sdpa_decode_ms(q, kc, vc, scale):
 DECODE_SWEEP = [(64, 4, 3, False), (64, 4, 2, False), (128, 4, 2, False)]
 # (block_n, num_warps, num_stages, ids_upfront) x fused merge or a merge kernel x partitions
 B1_SWEEP = list(itertools.product((32, 64, 128), (2, 4), (2, 3), (False, True))) + [
-    (None, 4, 1, True), (None, 8, 1, True)]  # None: block_n = partition (one tile)
-B1_PARTS = (128, 256, 512)
+    (None, 2, 1, True), (None, 4, 1, True), (None, 8, 1, True)]  # None: one tile
+B1_PARTS = (64, 128, 256)  # 512 ran 28-31 us at rev 1096a3a
 # --b1-sweep: the latency-bound batch-1 case over more launch shapes (fused merge only,
 # partitions of B1_PARTS tokens; the default launch is timed again among them)
 
@@ -254,7 +254,7 @@ def bench_decode(name, lens, sweep, copy_bw, grid=None):
         if grid:
             parts = [p for p in B1_PARTS if p < max_tokens]
         else:
-            parts = sorted({p for p in (128, 256, 512, 1024, 2048) if p < max_tokens}
+            parts = sorted({p for p in (128, 256, 512, 1024, 2048, 4096) if p < max_tokens}
                            | {max_tokens})
         fused_opts = (True,) if grid else (True, False)
         tunes = [DecodeTuning(part, bn or part, w, s, fused, up)
