@@ -21,8 +21,8 @@ import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from pdserve.kernels import (triton_blocks, triton_checksum, triton_decode, triton_prefill,
-                             triton_store)
+from pdserve.kernels import (triton_blocks, triton_checksum, triton_decode, triton_gemv,
+                             triton_prefill, triton_store)
 
 def compile_for_sm90(fn, types, consts, num_warps, num_stages):
     sig, attrs = {}, {}
@@ -62,6 +62,12 @@ def prefill(dt, d, group, bs, tuning):
     compile_for_sm90(triton_prefill._prefill_kernel, types, consts, tuning.num_warps,
                      tuning.num_stages)
 
+def gemv(dt, block_m, c, has_bias, even_k):
+    types = dict(x_ptr=f"*{dt}", w_ptr=f"*{dt}", bias_ptr=f"*{dt}", out_ptr=f"*{dt}")
+    consts = dict(BLOCK_M=block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, USE_DOT=c.use_dot,
+                  HAS_BIAS=has_bias, EVEN_K=even_k)
+    compile_for_sm90(triton_gemv._gemv_kernel, types, consts, c.num_warps, c.num_stages)
+
 case = sys.argv[1]
 P = triton_prefill.PrefillTuning
 if case == "decode":
@@ -76,6 +82,13 @@ elif case == "prefill":
     prefill("bf16", 128, 4, 16, P())  # the default tiles
     prefill("bf16", 64, 3, 32, P(64, 64, 4, 3))  # small batches
     prefill("fp32", 128, 1, 16, P(64, 32, 4, 2))
+elif case == "gemv":
+    for c in triton_gemv.CONFIGS:  # every autotuned variant, once
+        gemv("bf16", 8 if c.use_dot else 2, c, True, True)
+    gemv("bf16", 1, triton_gemv.CONFIGS[0], False, True)  # FMA, 1 and 4 rows
+    gemv("bf16", triton_gemv.MAX_FMA_ROWS, triton_gemv.CONFIGS[0], False, True)
+    gemv("fp16", 4, triton_gemv.CONFIGS[0], True, False)  # K tail masked
+    gemv("fp16", 1, triton_gemv.CONFIGS[-1], False, False)
 else:
     compile_for_sm90(triton_store._store_kv_kernel,
                      dict(key_ptr="*fp32", value_ptr="*fp32", k_cache_ptr="*bf16",
@@ -105,7 +118,7 @@ def _ptxas_present() -> bool:
 
 
 @pytest.mark.skipif(not _ptxas_present(), reason="Triton's NVIDIA backend (ptxas) not installed")
-@pytest.mark.parametrize("case", ["decode", "prefill", "copies"])
+@pytest.mark.parametrize("case", ["decode", "prefill", "copies", "gemv"])
 def test_kernels_compile_for_sm90(case):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)

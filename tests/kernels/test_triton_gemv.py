@@ -1,0 +1,120 @@
+"""Triton GEMV (``triton_gemv.gemv``) against ``reference.linear``.
+
+CPU: Triton's interpreter at small sizes (conftest sets it up), every variant forced
+by an explicit config; N and K are not multiples of the blocks. fp16 everywhere; bf16
+only on the FMA variant (the interpreter's bf16 dot returns garbage). GPU: real
+Llama-3-8B shapes, autotuning, and a CUDA-graph capture.
+"""
+
+import pytest
+import torch
+
+from pdserve.kernels import reference
+
+triton = pytest.importorskip("triton")
+from kernel_checks import gpu, interpreter  # noqa: E402
+
+from pdserve.kernels.triton_gemv import GemvConfig, chosen_configs, gemv, m_bucket  # noqa: E402
+
+FMA = GemvConfig(16, 64, 4, 1, False)
+DOT = GemvConfig(16, 64, 4, 2, True)
+
+
+def check(m, n, k, dtype, bias, device, config=None):
+    """Fresh random operands, NaN-poisoned output; the result equals the fp32 reference
+    rounded to ``dtype`` within one unit in the last place."""
+    x = torch.randn(m, k, dtype=dtype, device=device)
+    w = torch.randn(n, k, dtype=dtype, device=device)
+    b = torch.randn(n, dtype=dtype, device=device) if bias else None
+    out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
+    got = gemv(x, w, b, out=out, config=config)
+    assert got is out
+    ref = reference.linear(x.float(), w.float(), None if b is None else b.float())
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(got.float(), ref.to(dtype).float(), rtol=eps, atol=eps)
+
+
+@interpreter
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("config", [FMA, DOT], ids=["fma", "dot"])
+def test_gemv_interpreter_fp16(config, m, bias):
+    if not config.use_dot and m > 4:
+        pytest.skip("the FMA variant takes up to 4 rows")
+    check(m, 37, 200, torch.float16, bias, "cpu", config)
+
+
+@interpreter
+@pytest.mark.parametrize("m,bias", [(1, False), (3, True)])
+def test_gemv_interpreter_bf16(m, bias):
+    check(m, 37, 200, torch.bfloat16, bias, "cpu", FMA)
+
+
+@interpreter
+def test_gemv_interpreter_strided():
+    """A weight that is a row slice of a wider matrix, x a column slice: strides honored,
+    out allocated."""
+    w_full = torch.randn(40, 160, dtype=torch.float16)
+    w = w_full[:, :144]  # [40, 144], row stride 160
+    x = torch.randn(2, 300, dtype=torch.float16)[:, 100:244]
+    got = gemv(x, w, config=GemvConfig(8, 32, 2, 1, False))
+    ref = reference.linear(x.float(), w.float()).to(torch.float16)
+    eps = torch.finfo(torch.float16).eps
+    torch.testing.assert_close(got, ref, rtol=eps, atol=eps)
+
+
+def test_m_bucket():
+    assert [m_bucket(m) for m in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
+
+
+LLAMA3_8B = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096)]
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 2, 3, 8])
+@pytest.mark.parametrize("n,k", LLAMA3_8B[:4] + [(1000, 4000)])
+def test_gemv_gpu_autotuned(n, k, m, dtype):
+    check(m, n, k, dtype, bias=(m == 3), device="cuda")
+    assert (n, k, m_bucket(m), dtype, torch.cuda.current_device()) in chosen_configs()
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [FMA, DOT, GemvConfig(64, 128, 4, 4, True)],
+                         ids=["fma", "dot", "dot64"])
+@pytest.mark.parametrize("m", [1, 4, 8])
+def test_gemv_gpu_variants(config, m):
+    if not config.use_dot and m > 4:
+        pytest.skip("the FMA variant takes up to 4 rows")
+    check(m, 1000, 4000, torch.bfloat16, True, "cuda", config)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gemv_gpu_graph_capture():
+    """Eager first (autotunes), then captured and replayed with new x: no host sync, the
+    remembered config; a shape never run eagerly captures with the default config."""
+    n, k = 6144, 4096
+    w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda")
+    x = torch.randn(4, k, dtype=torch.bfloat16, device="cuda")
+    w2 = torch.randn(1000, 2048, dtype=torch.bfloat16, device="cuda")
+    x2 = torch.randn(1, 2048, dtype=torch.bfloat16, device="cuda")
+    out = torch.empty(4, n, dtype=torch.bfloat16, device="cuda")
+    out2 = torch.empty(1, 1000, dtype=torch.bfloat16, device="cuda")
+    gemv(x, w, out=out)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        gemv(x, w, out=out)
+        gemv(x2, w2, out=out2)
+    for _ in range(2):
+        x.copy_(torch.randn_like(x))
+        x2.copy_(torch.randn_like(x2))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        for o, a, b in ((out, x, w), (out2, x2, w2)):
+            ref = reference.linear(a.float(), b.float())
+            assert ((o.float() - ref).norm() / ref.norm()).item() < 1e-2
