@@ -42,6 +42,11 @@ for s in $STAGES; do
       stage "$s"
       timeout ${KERNELS_TIMEOUT:-300} python3 bench/kernels_h200.py ${KERNELS_ARGS:---b1-sweep} \
         --rev "$PDSERVE_REV" 2>&1 | tail -${KERNELS_TAIL:-40} ;;
+    gemv)
+      stage "$s"
+      timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_triton_gemv.py \
+        2>&1 | tail -5
+      timeout 400 python3 bench/gemv_h200.py 2>&1 | grep -v "^\.\.\. " | tail -30 ;;
     engine)
       stage "$s"
       timeout 420 python3 bench/engine_h200.py --trace .carry/trace.csv 2>&1 | tail -30 ;;
