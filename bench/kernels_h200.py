@@ -217,7 +217,7 @@ DECODE_SWEEP = [(64, 4, 3, False), (64, 4, 2, False), (128, 4, 2, False)]
 # (block_n, num_warps, num_stages, ids_upfront) x fused merge or a merge kernel x partitions
 B1_SWEEP = list(itertools.product((32, 64, 128), (2, 4), (2, 3), (False, True))) + [
     (None, 2, 1, True), (None, 4, 1, True), (None, 8, 1, True)]  # None: one tile
-B1_PARTS = (64, 128, 256)  # 512 ran 28-31 us at rev 1096a3a
+B1_PARTS = (64, 128, 256)  # 512 ran 28-31 us at rev a47fcc6
 # --b1-sweep: the latency-bound batch-1 case over more launch shapes (fused merge only,
 # partitions of B1_PARTS tokens; the default launch is timed again among them)
 
