@@ -4,14 +4,15 @@
 #
 #   STAGES="fabric_tests fabric_micro disagg" bash bench/h200_session.sh
 #
-# Carry [".whl", ".carry"]: .whl from ../shared/tools/gpu-wheels --with-nixl, .carry/tok.txz
+# Carry [".whl", ".carry"]: .whl from ../shared/tools/gpu-wheels --with-nixl (or WHL=.whl_small,
+# the same wheels without nixl, for stages that do not need it), .carry/tok.txz
 # (the SmolLM2 tokenizer for prompts), .carry/revert.patch (`git diff HEAD -R`: the device
 # copy gets uncommitted edits of the working tree; the patch takes them back out).
 set -u
 STAGES=${STAGES:-"fabric_tests fabric_micro disagg kernels"}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-python3 -m pip install --no-index --no-deps -q .whl/*.whl 2>&1 | tail -2
+python3 -m pip install --no-index --no-deps -q ${WHL:-.whl}/*.whl 2>&1 | tail -2
 if [ -s .carry/revert.patch ]; then patch -p1 -s < .carry/revert.patch && echo "reverted uncommitted edits"; fi
 mkdir -p /tmp/pp build && ln -sfn "$PWD" /tmp/pp/pdserve
 export PYTHONPATH=/tmp/pp PDSERVE_REV=${PDSERVE_REV:-unknown}
