@@ -21,17 +21,24 @@ DOT = GemvConfig(16, 64, 4, 2, True)
 
 
 def check(m, n, k, dtype, bias, device, config=None):
-    """Fresh random operands, NaN-poisoned output; the result equals the fp32 reference
-    rounded to ``dtype`` within one unit in the last place."""
+    """Fresh random operands, NaN-poisoned output; the result equals the float64
+    reference rounded to ``dtype`` within one unit in the last place, plus what
+    summing K products in float32 in another order may move it (2^-20 of the sum of
+    the products' magnitudes: ~0.009 at K=14336, where a near-zero output's rounding
+    differs by up to 0.0024 between any two fp32 orders; ~1e-4 at K=200)."""
     x = torch.randn(m, k, dtype=dtype, device=device)
     w = torch.randn(n, k, dtype=dtype, device=device)
     b = torch.randn(n, dtype=dtype, device=device) if bias else None
     out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
     got = gemv(x, w, b, out=out, config=config)
     assert got is out
-    ref = reference.linear(x.float(), w.float(), None if b is None else b.float())
+    ref = reference.linear(x.double(), w.double(), None if b is None else b.double())
     eps = torch.finfo(dtype).eps
-    torch.testing.assert_close(got.float(), ref.to(dtype).float(), rtol=eps, atol=eps)
+    order = 2.0 ** -20 * (x.double().abs() @ w.double().abs().t())
+    diff = (got.double() - ref.to(dtype).double()).abs()
+    bound = eps * ref.abs() + eps + order
+    assert not got.isnan().any()
+    assert (diff <= bound).all(), f"max excess {(diff - bound).max().item():.3g}"
 
 
 @interpreter
