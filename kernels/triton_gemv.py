@@ -13,8 +13,13 @@ and each program walks its ``[BLOCK_N, K]`` slab of W in ``[BLOCK_N, BLOCK_K]`` 
       | ...                       |
       +---------------------------+
 
-No split-K: N alone gives 256+ programs of 16 rows for every Llama-3-8B projection,
-so there is no partial-sum pass. Two inner products, chosen per shape by autotuning:
+Split-K (``split_k`` > 1, tensor-core variant): the grid is (N tiles, splits); each
+program streams ``K / split_k`` of its rows and writes an fp32 partial to a workspace;
+the program that draws the last ticket of its N tile (a per-tile counter, left zero
+again) sums the partials in split order (deterministic), adds the bias and stores.
+It exists for the shapes whose N gives about one program per SM (H200, M=1: o_proj
+and down_proj at 16-32 rows per program streamed at 0.45-0.65x the copy rate, lm_head
+with 4000 programs at 1.0x). Two inner products, chosen per shape by autotuning:
 
 - ``use_dot=False`` (M <= 4): CUDA-core FMAs, the tile in registers, one reduction
   over K per tile and x row. Memory-level parallelism comes from big tiles and several
@@ -51,6 +56,7 @@ class GemvConfig:
     num_warps: int
     num_stages: int
     use_dot: bool
+    split_k: int = 1  # > 1 only with use_dot
 
 
 # Modest on purpose: every entry compiles once per M bucket (1, 2, 4, 8) and dtype, and
@@ -66,7 +72,14 @@ CONFIGS = (
     GemvConfig(32, 256, 4, 4, True),
     GemvConfig(32, 128, 4, 6, True),
     GemvConfig(64, 128, 4, 4, True),
+    GemvConfig(16, 256, 4, 4, True, 2),  # split-K: more programs for small N
+    GemvConfig(16, 256, 4, 4, True, 4),
+    GemvConfig(32, 128, 4, 6, True, 2),
+    GemvConfig(32, 128, 4, 6, True, 4),
+    GemvConfig(32, 256, 4, 4, True, 4),
+    GemvConfig(16, 128, 4, 6, True, 8),
 )
+MAX_SPLIT_K = max(c.split_k for c in CONFIGS)
 
 
 def m_bucket(m: int) -> int:
@@ -101,9 +114,11 @@ def _store_row(out_ptr, acc, bias, offs_n, row, M, N, stride_om, HAS_BIAS: tl.co
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, tickets_ptr, M, N, K,
+                 stride_xm, stride_wn, stride_om,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 USE_DOT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr):
+                 USE_DOT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+                 SPLIT_K: tl.constexpr):
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     # rows past N read row N - 1 (valid memory, no mask on the W stream); not stored
@@ -117,23 +132,48 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn,
         offs_m = tl.arange(0, 16)  # x^T padded to the 16 columns a dot needs
         m_mask = offs_m < M
         xt_ptrs = x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None]  # [BLOCK_K, 16]
+        k_start = 0
+        k_end = K
+        if SPLIT_K > 1:  # this program's share of K, whole tiles
+            k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+            k_start = tl.program_id(1) * k_per
+            k_end = tl.minimum(K, k_start + k_per)
+            w_ptrs += k_start
+            xt_ptrs += k_start
         acc = tl.zeros([BLOCK_N, 16], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_start, k_end, BLOCK_K):
             if EVEN_K:
                 w = tl.load(w_ptrs)
                 xt = tl.load(xt_ptrs, mask=m_mask[None, :], other=0.0)
             else:
-                k_mask = (k0 + offs_k) < K
+                k_mask = (k0 + offs_k) < k_end
                 w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
                 xt = tl.load(xt_ptrs, mask=m_mask[None, :] & k_mask[:, None], other=0.0)
             acc = tl.dot(w, xt, acc)
             w_ptrs += BLOCK_K
             xt_ptrs += BLOCK_K
-        if HAS_BIAS:
-            acc += bias[:, None]
+        out_mask = m_mask[None, :] & (offs_n[:, None] < N)
         out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty),
-                 mask=m_mask[None, :] & (offs_n[:, None] < N))
+        if SPLIT_K > 1:
+            # partial of split s at ws[s, m, n]; the last of the tile's splits sums them
+            tile = offs_m[None, :] * N + offs_n[:, None]  # [BLOCK_N, 16]
+            tl.store(ws_ptr + tl.program_id(1) * M * N + tile, acc, mask=out_mask)
+            tl.debug_barrier()  # every thread's partial precedes the ticket's release
+            counter = tickets_ptr + pid
+            ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if ticket == SPLIT_K - 1:
+                acc = tl.zeros([BLOCK_N, 16], tl.float32)
+                for s in tl.static_range(SPLIT_K):
+                    acc += tl.load(ws_ptr + s * M * N + tile, mask=out_mask, other=0.0,
+                                   cache_modifier=".cg")
+                if HAS_BIAS:
+                    acc += bias[:, None]
+                tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # for the next launch
+        else:
+            if HAS_BIAS:
+                acc += bias[:, None]
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
         tl.static_assert(BLOCK_M <= 4)
         # x rows past M re-read row M - 1 (cached); their results are not stored
@@ -168,14 +208,22 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn,
 
 
 def _triton_config(c: GemvConfig) -> triton.Config:
-    return triton.Config({"BLOCK_N": c.block_n, "BLOCK_K": c.block_k, "USE_DOT": c.use_dot},
+    return triton.Config({"BLOCK_N": c.block_n, "BLOCK_K": c.block_k, "USE_DOT": c.use_dot,
+                          "SPLIT_K": c.split_k},
                          num_warps=c.num_warps, num_stages=c.num_stages)
 
 
 def _prune(configs, nargs, **kwargs):
     """FMA variants only up to ``MAX_FMA_ROWS`` rows (one accumulator per row)."""
     block_m = kwargs["BLOCK_M"]
-    return [c for c in configs if c.kwargs["USE_DOT"] or block_m <= MAX_FMA_ROWS]
+    k = nargs["K"]
+    return [c for c in configs if (c.kwargs["USE_DOT"] or block_m <= MAX_FMA_ROWS)
+            and k >= c.kwargs["SPLIT_K"] * c.kwargs["BLOCK_K"]]
+
+
+def _even_k(k: int, block_k: int, split_k: int) -> bool:
+    """Every program's K range is whole tiles (no K mask needed)."""
+    return k % (block_k * split_k) == 0
 
 
 def _bench(fn, quantiles):
@@ -185,7 +233,8 @@ def _bench(fn, quantiles):
 _gemv_autotuned = triton.autotune(
     configs=[_triton_config(c) for c in CONFIGS], key=["N", "K", "BLOCK_M"],
     prune_configs_by={"early_config_prune": _prune}, do_bench=_bench,
-)(triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_gemv_kernel))
+)(triton.heuristics({"EVEN_K": lambda a: _even_k(a["K"], a["BLOCK_K"], a["SPLIT_K"])})(
+    _gemv_kernel))
 
 # (N, K, M bucket, dtype, device index) -> the config autotuning picked
 _chosen: dict[tuple, GemvConfig] = {}
@@ -198,11 +247,30 @@ def chosen_configs() -> dict[tuple, GemvConfig]:
 
 def _from_triton(c: triton.Config) -> GemvConfig:
     return GemvConfig(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages,
-                      bool(c.kwargs["USE_DOT"]))
+                      bool(c.kwargs["USE_DOT"]), c.kwargs["SPLIT_K"])
 
 
 def _grid(n: int):
-    return lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)
+    return lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
+
+
+# device -> (partials fp32, tickets int32): split-K scratch shared by every call on that
+# device (calls on one stream run one after another; each launch leaves the tickets zero)
+_workspaces: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _workspace(device: torch.device, m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scratch for ``MAX_SPLIT_K`` partials of ``[m, n]`` and a ticket per 16-row tile,
+    grown when a larger shape comes (normally during the eager warm-up, before any graph
+    capture). Mutates the module's workspace record."""
+    need_ws, need_t = MAX_SPLIT_K * MAX_ROWS * n, triton.cdiv(n, 16)
+    ws = _workspaces.get(device)
+    if ws is None or ws[0].numel() < need_ws or ws[1].numel() < need_t:
+        old = (0, 0) if ws is None else (ws[0].numel(), ws[1].numel())
+        ws = (torch.empty(max(need_ws, old[0]), dtype=torch.float32, device=device),
+              torch.zeros(max(need_t, old[1]), dtype=torch.int32, device=device))
+        _workspaces[device] = ws
+    return ws
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -225,8 +293,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     assert out.shape == (m, n) and out.stride(1) == 1
     has_bias = bias is not None
-    args = (x, weight, bias if has_bias else out, out, m, n, k, x.stride(0), weight.stride(0),
-            out.stride(0))
+    partials, tickets = _workspace(x.device, m, n)
+    args = (x, weight, bias if has_bias else out, out, partials, tickets, m, n, k, x.stride(0),
+            weight.stride(0), out.stride(0))
     block_m = m_bucket(m)
     if config is None:
         key = (n, k, block_m, x.dtype, x.device.index)
@@ -238,8 +307,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
                 _gemv_autotuned[_grid(n)](*args, BLOCK_M=block_m, HAS_BIAS=has_bias)
                 _chosen[key] = _from_triton(_gemv_autotuned.best_config)
                 return out
-    _gemv_kernel[(triton.cdiv(n, config.block_n),)](
+    assert config.split_k == 1 or config.use_dot, "split-K needs the tensor-core variant"
+    _gemv_kernel[(triton.cdiv(n, config.block_n), config.split_k)](
         *args, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        USE_DOT=config.use_dot, HAS_BIAS=has_bias, EVEN_K=k % config.block_k == 0,
+        USE_DOT=config.use_dot, HAS_BIAS=has_bias,
+        EVEN_K=_even_k(k, config.block_k, config.split_k), SPLIT_K=config.split_k,
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out

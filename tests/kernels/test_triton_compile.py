@@ -63,9 +63,10 @@ def prefill(dt, d, group, bs, tuning):
                      tuning.num_stages)
 
 def gemv(dt, block_m, c, has_bias, even_k):
-    types = dict(x_ptr=f"*{dt}", w_ptr=f"*{dt}", bias_ptr=f"*{dt}", out_ptr=f"*{dt}")
+    types = dict(x_ptr=f"*{dt}", w_ptr=f"*{dt}", bias_ptr=f"*{dt}", out_ptr=f"*{dt}",
+                 ws_ptr="*fp32", tickets_ptr="*i32")
     consts = dict(BLOCK_M=block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, USE_DOT=c.use_dot,
-                  HAS_BIAS=has_bias, EVEN_K=even_k)
+                  HAS_BIAS=has_bias, EVEN_K=even_k, SPLIT_K=c.split_k)
     compile_for_sm90(triton_gemv._gemv_kernel, types, consts, c.num_warps, c.num_stages)
 
 case = sys.argv[1]

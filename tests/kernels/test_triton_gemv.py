@@ -18,6 +18,7 @@ from pdserve.kernels.triton_gemv import GemvConfig, chosen_configs, gemv, m_buck
 
 FMA = GemvConfig(16, 64, 4, 1, False)
 DOT = GemvConfig(16, 64, 4, 2, True)
+SPLIT = GemvConfig(16, 32, 4, 2, True, 3)  # K=200 -> 3 splits of 2, 2 and 3 tiles' worth
 
 
 def check(m, n, k, dtype, bias, device, config=None):
@@ -44,7 +45,7 @@ def check(m, n, k, dtype, bias, device, config=None):
 @interpreter
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("m", [1, 3, 8])
-@pytest.mark.parametrize("config", [FMA, DOT], ids=["fma", "dot"])
+@pytest.mark.parametrize("config", [FMA, DOT, SPLIT], ids=["fma", "dot", "split_k"])
 def test_gemv_interpreter_fp16(config, m, bias):
     if not config.use_dot and m > 4:
         pytest.skip("the FMA variant takes up to 4 rows")
@@ -70,6 +71,18 @@ def test_gemv_interpreter_strided():
     torch.testing.assert_close(got, ref, rtol=eps, atol=eps)
 
 
+@interpreter
+def test_gemv_interpreter_split_k_tickets_reset():
+    """Split-K twice on one shape: the per-tile tickets are left zero by every launch,
+    so the second launch merges again (a stale ticket would skip or double a merge)."""
+    from pdserve.kernels.triton_gemv import _workspaces
+
+    check(2, 37, 200, torch.float16, False, "cpu", SPLIT)
+    assert not _workspaces[torch.device("cpu")][1].any()
+    check(2, 37, 200, torch.float16, True, "cpu", SPLIT)
+    assert not _workspaces[torch.device("cpu")][1].any()
+
+
 def test_m_bucket():
     assert [m_bucket(m) for m in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
 
@@ -89,8 +102,10 @@ def test_gemv_gpu_autotuned(n, k, m, dtype):
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", [FMA, DOT, GemvConfig(64, 128, 4, 4, True)],
-                         ids=["fma", "dot", "dot64"])
+@pytest.mark.parametrize("config", [FMA, DOT, GemvConfig(64, 128, 4, 4, True),
+                                    GemvConfig(32, 128, 4, 6, True, 4),
+                                    GemvConfig(16, 128, 4, 6, True, 8)],
+                         ids=["fma", "dot", "dot64", "split4", "split8"])
 @pytest.mark.parametrize("m", [1, 4, 8])
 def test_gemv_gpu_variants(config, m):
     if not config.use_dot and m > 4:
