@@ -87,6 +87,9 @@ class EngineConfig:
     hash_seed: int = 0
     seed: int = 0
     cuda_graphs: bool = True
+    # one-step lookahead (engine/async_step.py): launch the next decode step before
+    # reading this one's tokens; None: on when CUDA graphs run
+    async_scheduling: bool | None = None
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:

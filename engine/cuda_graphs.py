@@ -12,6 +12,13 @@ copy from a pinned host buffer of the same layout::
 
     [ input_ids b | positions b | slot_mapping b | context_lens b | tables b x M ]
 
+There are two pinned host buffers, used in turn: the host fills one while the
+copy out of the other may still be queued behind the step running on the GPU
+(``host_views`` waits for a buffer's last copy before handing it out again).
+A lookahead step (``replay(..., feed=...)``) writes in ``input_ids`` rows of
+``feed`` (the previous step's sampled ids, on the device); after the copy the
+device replaces each row number with ``feed[row]``.
+
 Padding rows: token 0 at position 0, slot -1 (the fused RoPE/KV-store kernel
 skips it, so the cache is never written), context 1 (attends to one slot of
 whatever block their table row names; the result is dropped).
@@ -55,8 +62,9 @@ class DecodeGraphs:
         self.buckets = decode_buckets(max_num_seqs)
         size = self._size(self.buckets[-1])
         self._dev = torch.zeros(size, dtype=torch.int32, device=device)
-        self._host = torch.zeros(size, dtype=torch.int32, pin_memory=True)
-        self._host_np = self._host.numpy()
+        self._hosts = [torch.zeros(size, dtype=torch.int32, pin_memory=True) for _ in range(2)]
+        self._copied: list[torch.cuda.Event | None] = [None, None]  # each buffer's last copy
+        self._turn = 0  # the buffer that ``host_views`` hands out
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._logits: dict[int, torch.Tensor] = {}
         self._workspaces: dict[int, object] = {}
@@ -71,10 +79,19 @@ class DecodeGraphs:
                 return b
         return None
 
+    @property
+    def _host(self) -> torch.Tensor:
+        return self._hosts[self._turn]
+
     def host_views(self, b: int) -> tuple[np.ndarray, ...]:
         """Numpy views of bucket ``b``'s pinned inputs: ids, positions, slots,
-        context lens [b], tables [b, max_blocks]. Write them, then ``replay``."""
-        h = self._host_np
+        context lens [b], tables [b, max_blocks]. Write them, then ``replay``. Waits
+        until the copy out of this buffer two replays ago has run (long done in a
+        pipelined loop)."""
+        event = self._copied[self._turn]
+        if event is not None:
+            event.synchronize()
+        h = self._host.numpy()
         return (h[:b], h[b:2 * b], h[2 * b:3 * b], h[3 * b:4 * b],
                 h[4 * b:self._size(b)].reshape(b, self.max_blocks))
 
@@ -130,7 +147,7 @@ class DecodeGraphs:
         for b in reversed(self.buckets):
             self._workspaces[b] = self._new_workspace(b)
             self._fill_padding(b, 0)
-            self._host_np[4 * b:self._size(b)] = 0
+            self._host.numpy()[4 * b:self._size(b)] = 0
             self._dev[:self._size(b)].copy_(self._host[:self._size(b)])
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
@@ -143,11 +160,30 @@ class DecodeGraphs:
         torch.cuda.synchronize(self.device)
         self.capture_seconds = time.perf_counter() - t0
 
-    def replay(self, b: int, n: int) -> torch.Tensor:
+    def replay_resident(self, b: int, write_kv: bool = False) -> torch.Tensor:
+        """Replay bucket ``b`` again on the inputs already on the device (no host copy),
+        for timing the graph alone. Unless ``write_kv``, first sets the slots to -1 so
+        that no KV is written. Call with no step in flight; the next ``replay`` copies
+        fresh inputs in. Returns the static logits [b, V]."""
+        if not write_kv:
+            self._dev[2 * b:3 * b].fill_(-1)
+        self._graphs[b].replay()
+        return self._logits[b]
+
+    def replay(self, b: int, n: int, feed: torch.Tensor | None = None) -> torch.Tensor:
         """Pad rows ``n..b-1``, copy the inputs in, replay. Returns logits [b, V] (static:
-        valid until the next replay). The caller wrote rows ``0..n-1`` of ``host_views``."""
+        valid until the next replay). The caller wrote rows ``0..n-1`` of ``host_views``;
+        with ``feed`` ([S] int64 on the device) their input ids are rows of ``feed``.
+        Enqueues only; then hands out the other host buffer."""
         self._fill_padding(b, n)
         size = self._size(b)
         self._dev[:size].copy_(self._host[:size], non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._copied[self._turn] = event
+        self._turn ^= 1
+        if feed is not None:
+            ids = self._dev[:n]
+            ids.copy_(feed[ids.long()])  # [n]: row numbers -> the sampled ids
         self._graphs[b].replay()
         return self._logits[b]

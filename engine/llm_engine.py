@@ -5,22 +5,29 @@ KV cache manager -> scheduler, model runner + sampler, detokenizers. Both
 worker pools and the offline ``LLM`` drive it through ``add_request``,
 ``step`` and ``abort``; the hand-off hooks (``reserve_for_transfer``,
 ``complete_transfer``, ``prefill_only``) serve disaggregation.
+
+With ``async_scheduling`` (the default when CUDA graphs run) a step of
+decodes is followed at once by the next one, launched before the host reads
+the first one's tokens (``async_step``); ``step`` still returns one step's
+deltas per call, the same tokens as the synchronous path.
 """
 
 import time
 
 import torch
 
+from pdserve.engine.async_step import Lookahead, runs_ahead
 from pdserve.engine.block_pool import BlockPool
 from pdserve.engine.config import EngineConfig, ModelConfig
 from pdserve.engine.kv_cache import KVCache, KVCacheSpec, blocks_for_budget
 from pdserve.engine.kv_cache_manager import KVCacheManager
 from pdserve.engine.llama import LayerHook, LlamaForCausalLM
-from pdserve.engine.model_runner import ModelRunner
+from pdserve.engine.model_runner import ModelInputs, ModelRunner
 from pdserve.engine.outputs import StepDelta
 from pdserve.engine.request import Request, RequestStatus
+from pdserve.engine.sampler import SampleResult
 from pdserve.engine.sampling_params import SamplingParams
-from pdserve.engine.scheduler import Scheduler
+from pdserve.engine.scheduler import Scheduler, SchedulerOutput
 from pdserve.engine.tokenizer import IncrementalDetokenizer, load_tokenizer
 from pdserve.engine.weights import load_state_dict, resolve_model_dir
 
@@ -85,10 +92,15 @@ class LLMEngine:
                                   max_num_seqs=config.max_num_seqs,
                                   max_model_len=self.max_model_len,
                                   cuda_graphs=config.cuda_graphs)
+        overlap = config.async_scheduling
+        if overlap is None:
+            overlap = self.runner.graphs is not None
+        self.lookahead = Lookahead(self.scheduler, self.runner) if overlap else None
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self.finished_prefills: list[Request] = []  # prefill_only requests holding blocks
-        self.num_steps = 0
-        self.current_schedule = None
+        self.num_steps = 0  # steps whose results ``step`` has returned
+        # the step a layer hook runs in; after ``step`` returns, the step it reported
+        self.current_schedule: SchedulerOutput | None = None
 
     def _auto_num_blocks(self) -> int:
         mc, cfg = self.model_config, self.config
@@ -151,6 +163,8 @@ class LLMEngine:
         """Decode side: hold blocks for the prompt (prefix hits reused). None if the pool
         is short. Mutates the scheduler and pool."""
         req = self.make_request(request_id, prompt_token_ids, params)
+        if self.lookahead is not None:
+            self.lookahead.wait()  # blocks freed under the step in flight: its writes first
         if not self.scheduler.reserve_for_transfer(req):
             return None
         self._detok[request_id] = self._detokenizer(params)
@@ -178,21 +192,46 @@ class LLMEngine:
 
     # ---- the loop --------------------------------------------------------------------
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished
+        """Unfinished requests, or a step in flight whose results ``step`` still owes."""
+        return self.scheduler.has_unfinished or self._in_flight
 
     def has_work(self) -> bool:
-        """Whether ``step`` has anything to run (see ``Scheduler.has_work``)."""
-        return self.scheduler.has_work
+        """Whether ``step`` has anything to run or to collect (see ``Scheduler.has_work``)."""
+        return self.scheduler.has_work or self._in_flight
+
+    @property
+    def _in_flight(self) -> bool:
+        return self.lookahead is not None and self.lookahead.in_flight is not None
 
     def step(self, layer_hook: LayerHook | None = None) -> list[StepDelta]:
-        """Schedule and run one model step. Returns one delta per request that produced
-        a token or finished. Mutates everything the scheduler and runner own."""
-        out = self.scheduler.schedule()
-        if not out.scheduled:
-            return []
+        """Run one model step and return one delta per request that produced a token or
+        finished in it. With the lookahead, the call launches the step after it before
+        reading its tokens (a call may launch two, or none and only collect). Mutates
+        everything the scheduler and runner own."""
+        ahead = self.lookahead
+        prev = ahead.take() if ahead is not None else None
+        if prev is None:
+            out = self.scheduler.schedule()
+            if not out.scheduled:
+                return []
+            self.current_schedule = out
+            if ahead is None or not runs_ahead(out):
+                inputs, result = self.runner.execute(out, layer_hook)
+                return self._process(out, inputs, result)
+            prev = ahead.launch(out, layer_hook)
+        nxt = ahead.plan_next(prev)
+        if nxt is not None:
+            self.current_schedule = nxt
+            ahead.in_flight = ahead.launch(nxt, layer_hook, after=prev)
+        return self._process(prev.schedule, prev.inputs, prev.sample.result())
+
+    def _process(self, out: SchedulerOutput, inputs: ModelInputs,
+                 result: SampleResult) -> list[StepDelta]:
+        """Account a finished step: update the scheduler with its sampled ids (requests
+        finished meanwhile are skipped: their tokens are dropped), stop checks, deltas.
+        Mutates the scheduler, requests, detokenizers and ``current_schedule``."""
         self.num_steps += 1
-        self.current_schedule = out  # what a layer hook may look at during this step
-        inputs, result = self.runner.execute(out, layer_hook)
+        self.current_schedule = out
         sampled = {}
         logprobs = {}
         for i, s in enumerate(inputs.sample_order):

@@ -9,6 +9,12 @@ layer hook is not called on such a step); everything else runs eagerly.
 Per step the host work is building index arrays: one entry per decode, a
 numpy range per prefill. Each request's block ids are kept as an int32 array
 (``BlockTableCache``) that grows with its blocks instead of being rebuilt.
+
+``launch`` enqueues a step and returns its sampled ids still on the device
+(``PendingSample``); ``execute`` is ``launch`` plus waiting for them. A
+lookahead step (``TokenFeed``, see ``async_step``) runs each decode one
+position past ``num_computed_tokens``, its input id read on the device from
+the previous, not yet processed, step's sampled ids.
 """
 
 from dataclasses import dataclass
@@ -17,58 +23,36 @@ import numpy as np
 import torch
 
 from pdserve.engine.attention_metadata import AttentionMetadata
+from pdserve.engine.block_table import BlockTableCache
 from pdserve.engine.kv_cache import KVCache
 from pdserve.engine.llama import LayerHook, LlamaForCausalLM
 from pdserve.engine.request import Request
-from pdserve.engine.sampler import Sampler, SampleResult
+from pdserve.engine.sampler import PendingSample, Sampler, SampleResult, to_device
 from pdserve.engine.scheduler import ScheduledRequest, SchedulerOutput
 
 
 @dataclass(frozen=True)
+class TokenFeed:
+    """A lookahead step's token source: the previous step's sampled ids on the device.
+
+    Every request of the step is a decode that ran in the previous step, whose result
+    the host has not read yet: it runs at position ``num_computed_tokens + 1`` and its
+    input id is ``token_ids[rows[request_id]]``.
+    """
+
+    token_ids: torch.Tensor  # [S] int64 on the model's device
+    rows: dict[str, int]  # request id -> its row in ``token_ids``
+
+
+@dataclass(frozen=True)
 class ModelInputs:
-    input_ids: torch.Tensor  # [T]
+    input_ids: torch.Tensor  # [T]; with a feed, rows of ``feed.token_ids`` instead
     positions: torch.Tensor  # [T]
     meta: AttentionMetadata
     logits_indices: torch.Tensor  # [S] rows of the hidden states to sample from
     sample_order: tuple[ScheduledRequest, ...]  # the requests those rows belong to
     graph_batch: int | None = None  # bucket of the captured decode graph, if one runs
-
-
-class BlockTableCache:
-    """Each running request's block ids as an int32 array, grown as blocks are added.
-
-    An entry is reused while it is the same request object in the same life
-    (preemption frees every block, so ``num_preemptions`` changes) and its
-    blocks only grew; otherwise it is rebuilt.
-    """
-
-    def __init__(self) -> None:
-        self._rows: dict[str, tuple[Request, int, np.ndarray, int]] = {}
-
-    def row(self, req: Request) -> np.ndarray:
-        """The request's block ids [>= len(req.blocks)] int32; read-only for the caller."""
-        blocks = req.blocks
-        n = len(blocks)
-        ent = self._rows.get(req.request_id)
-        if ent is not None and ent[0] is req and ent[1] == req.num_preemptions and ent[3] <= n:
-            _, _, arr, have = ent
-        else:
-            arr, have = np.empty(max(16, n), dtype=np.int32), 0
-        if n > have:
-            if n > arr.shape[0]:
-                grown = np.empty(max(n, 2 * arr.shape[0]), dtype=np.int32)
-                grown[:have] = arr[:have]
-                arr = grown
-            arr[have:n] = [b.block_id for b in blocks[have:n]]
-        self._rows[req.request_id] = (req, req.num_preemptions, arr, n)
-        return arr
-
-    def prune(self, keep_ids: set[str]) -> None:
-        """Forget every request not in ``keep_ids``. Mutates the cache."""
-        self._rows = {k: v for k, v in self._rows.items() if k in keep_ids}
-
-    def __len__(self) -> int:
-        return len(self._rows)
+    feed: TokenFeed | None = None
 
 
 def _token_at(req: Request, p: int) -> int:
@@ -102,23 +86,27 @@ class ModelRunner:
             self.graphs.capture()
 
     # ---- inputs ----------------------------------------------------------------------
-    def _fill_decodes(self, decodes, ids, pos, slots, ctx, tables) -> None:
-        """Write decode rows into host arrays (``tables`` rows wide enough for each)."""
+    def _fill_decodes(self, decodes, ids, pos, slots, ctx, tables,
+                      feed: TokenFeed | None = None) -> None:
+        """Write decode rows into host arrays (``tables`` rows wide enough for each).
+        With ``feed`` each row runs one position ahead and ``ids`` holds feed rows."""
         bs = self.block_size
+        ahead = 0 if feed is None else 1
         for i, s in enumerate(decodes):
             req = s.request
-            p = req.num_computed_tokens
+            p = req.num_computed_tokens + ahead
             row = self.tables.row(req)
-            ids[i] = _token_at(req, p)
+            ids[i] = _token_at(req, p) if feed is None else feed.rows[req.request_id]
             pos[i] = p
             slots[i] = int(row[p // bs]) * bs + p % bs
             ctx[i] = p + 1
             nb = p // bs + 1
             tables[i, :nb] = row[:nb]
 
-    def _prepare_graph(self, decodes: list[ScheduledRequest], bucket: int) -> ModelInputs:
+    def _prepare_graph(self, decodes: list[ScheduledRequest], bucket: int,
+                       feed: TokenFeed | None) -> ModelInputs:
         ids, pos, slots, ctx, tables = self.graphs.host_views(bucket)
-        self._fill_decodes(decodes, ids, pos, slots, ctx, tables)
+        self._fill_decodes(decodes, ids, pos, slots, ctx, tables, feed)
         n = len(decodes)
         sample = [i for i, s in enumerate(decodes)
                   if s.request.num_computed_tokens + 1 == s.request.num_tokens]
@@ -129,30 +117,35 @@ class ModelRunner:
         return ModelInputs(
             input_ids=torch.from_numpy(ids[:n]), positions=torch.from_numpy(pos[:n]),
             meta=meta, logits_indices=torch.tensor(sample, dtype=torch.int64),
-            sample_order=tuple(decodes[i] for i in sample), graph_batch=bucket)
+            sample_order=tuple(decodes[i] for i in sample), graph_batch=bucket, feed=feed)
 
-    def prepare(self, out: SchedulerOutput, use_graphs: bool = True) -> ModelInputs:
-        """Build the step's inputs from request state. Reads the requests; writes only
-        the runner's own buffers (the graph inputs on the graph path)."""
+    def prepare(self, out: SchedulerOutput, use_graphs: bool = True,
+                feed: TokenFeed | None = None) -> ModelInputs:
+        """Build the step's inputs from request state (``feed``: a lookahead step of
+        decodes only, see ``TokenFeed``). Reads the requests; writes only the runner's
+        own buffers (the graph inputs on the graph path)."""
         bs = self.block_size
+        ahead = 0 if feed is None else 1
         decodes = [s for s in out.scheduled if s.num_new_tokens == 1]
         prefills = [s for s in out.scheduled if s.num_new_tokens != 1]
+        assert feed is None or not prefills, "a lookahead step holds decodes only"
         if len(self.tables) > 2 * len(out.scheduled) + 256:
             self.tables.prune({s.request.request_id for s in out.scheduled})
         if use_graphs and self.graphs is not None and not prefills:
             bucket = self.graphs.bucket_for(len(decodes))
             if bucket is not None:
-                return self._prepare_graph(decodes, bucket)
+                return self._prepare_graph(decodes, bucket, feed)
 
         nd = len(decodes)
         nt = nd + sum(s.num_new_tokens for s in prefills)
         ids = np.empty(nt, dtype=np.int64)
         pos = np.empty(nt, dtype=np.int64)
         slots = np.empty(nt, dtype=np.int64)
-        d_width = max((s.request.num_computed_tokens // bs + 1 for s in decodes), default=0)
+        d_width = max(((s.request.num_computed_tokens + ahead) // bs + 1 for s in decodes),
+                      default=0)
         d_tables = np.zeros((nd, d_width), dtype=np.int32)
         d_ctx = np.empty(nd, dtype=np.int32)
-        self._fill_decodes(decodes, ids, pos, slots, d_ctx, d_tables)
+        self._fill_decodes(decodes, ids, pos, slots, d_ctx, d_tables, feed)
 
         logits_rows = [i for i, s in enumerate(decodes)
                        if s.request.num_computed_tokens + 1 == s.request.num_tokens]
@@ -182,8 +175,9 @@ class ModelRunner:
 
         dev = self.device
 
-        def put(a: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(a).to(dev)
+        def put(a: np.ndarray) -> torch.Tensor:  # to a GPU without blocking (pinned)
+            t = torch.from_numpy(a)
+            return t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t
 
         meta = AttentionMetadata(
             slot_mapping=put(slots), num_decode_tokens=nd,
@@ -192,35 +186,46 @@ class ModelRunner:
             prefill_context_lens=put(p_ctx))
         return ModelInputs(
             input_ids=put(ids), positions=put(pos), meta=meta,
-            logits_indices=torch.tensor(logits_rows, dtype=torch.int64, device=dev),
-            sample_order=tuple(sample_order))
+            logits_indices=to_device(logits_rows, torch.int64, dev),
+            sample_order=tuple(sample_order), feed=feed)
 
     # ---- the step --------------------------------------------------------------------
-    @torch.inference_mode()
     def execute(self, out: SchedulerOutput,
                 layer_hook: LayerHook | None = None) -> tuple[ModelInputs, SampleResult]:
-        """Run one step: writes K/V of every scheduled token into the cache (mutates it)
-        and samples for the requests whose last scheduled token ends their sequence.
+        """``launch`` and wait for the sampled ids (see ``launch``)."""
+        inputs, pending = self.launch(out, layer_hook)
+        return inputs, pending.result()
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput, layer_hook: LayerHook | None = None,
+               feed: TokenFeed | None = None) -> tuple[ModelInputs, PendingSample]:
+        """Enqueue one step: writes K/V of every scheduled token into the cache (mutates
+        it) and samples for the requests whose last scheduled token ends their sequence
+        (advances their generators). The returned ids are safe to read on the device at
+        once and on the host through ``PendingSample.result()``.
         ``layer_hook`` runs after each layer of an eager step; a step that replays a
         captured decode graph runs whole and does not call it (hooks exist for prefill
         work, such as pushing a layer's KV, and for progress inside long steps)."""
-        inputs = self.prepare(out)
+        inputs = self.prepare(out, feed=feed)
         if inputs.graph_batch is not None:
             n = inputs.meta.num_decode_tokens
-            logits = self.graphs.replay(inputs.graph_batch, n)
+            logits = self.graphs.replay(inputs.graph_batch, n,
+                                        feed.token_ids if feed is not None else None)
             if len(inputs.sample_order) == n:
                 logits = logits[:n]
             else:
                 logits = logits[inputs.logits_indices.to(self.device)]
         else:
-            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache.layers,
-                                inputs.meta, layer_hook)
-            if not inputs.sample_order:
-                return inputs, SampleResult([], [])
-            logits = self.model.compute_logits(hidden[inputs.logits_indices])
+            ids = inputs.input_ids if feed is None else feed.token_ids[inputs.input_ids]
+            hidden = self.model(ids, inputs.positions, self.kv_cache.layers, inputs.meta,
+                                layer_hook)
+            logits = None
+            if inputs.sample_order:
+                logits = self.model.compute_logits(hidden[inputs.logits_indices])
         if not inputs.sample_order:
-            return inputs, SampleResult([], [])
+            return inputs, PendingSample(torch.zeros(0, dtype=torch.int64),
+                                         ready=SampleResult([], []))
         reqs = [s.request for s in inputs.sample_order]
-        result = self.sampler.sample(logits, [r.request_id for r in reqs],
-                                     [r.params for r in reqs])
-        return inputs, result
+        pending = self.sampler.sample_async(logits, [r.request_id for r in reqs],
+                                            [r.params for r in reqs])
+        return inputs, pending

@@ -8,6 +8,13 @@ as ``argmax(probs / E)`` with exponential noise ``E`` (an exponential race,
 the same distribution as multinomial). Unseeded rows take their noise from
 the engine's generator in one call; a seeded request draws its own row from
 its own generator, so its tokens do not depend on the rest of the batch.
+
+``sample_async`` only enqueues on a GPU: it returns a ``PendingSample`` whose
+``token_ids`` stay on the device (the next step may read them there) and
+whose ``result()`` waits for that step's copy to the host alone (a CUDA
+event), not for later work on the stream. Every small tensor it sends to the
+GPU goes from pinned memory without blocking, so launching a step never waits
+for the one before it.
 """
 
 from dataclasses import dataclass
@@ -30,6 +37,66 @@ class TokenLogprobs:
 class SampleResult:
     token_ids: list[int]
     logprobs: list[TokenLogprobs | None]
+
+
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list as a tensor on ``device``; to a GPU from pinned memory without
+    blocking the host (a pageable copy would wait for all work queued on the stream)."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+@dataclass(frozen=True)
+class PendingSample:
+    """One step's sampled ids, possibly still being computed on the device.
+
+    ``token_ids`` [N] int64 lives on the logits' device and may feed the next step
+    there at once. ``result()`` blocks until this step's ids (and logprobs) have
+    reached the host, and no longer: ``host`` is a pinned copy written after the
+    sampling kernels, ``event`` marks its end. A CPU sample is ready (``ready``).
+    """
+
+    token_ids: torch.Tensor  # [N] int64, device
+    ready: SampleResult | None = None
+    host: torch.Tensor | None = None  # [N] int64, or the packed float64 layout below
+    event: object = None  # torch.cuda.Event recorded after the copy into ``host``
+    logprob_rows: tuple[int, ...] = ()  # rows that asked for logprobs, in order
+    top_ns: tuple[int, ...] = ()  # how many alternatives each of those rows wants
+    n_top: int = 0  # width of the packed top-N block (max of ``top_ns``)
+
+    def result(self) -> SampleResult:
+        """Wait for this step's ids on the host and unpack them. Pure apart from waiting."""
+        if self.ready is not None:
+            return self.ready
+        if self.event is not None:
+            self.event.synchronize()
+        host = self.host.tolist()
+        n = int(self.token_ids.shape[0])
+        if not self.logprob_rows:
+            return SampleResult(host, [None] * n)
+        # packed: [ids N | chosen logprob W | top values W x n_top | top ids W x n_top]
+        ids = [int(t) for t in host[:n]]
+        w, k = len(self.logprob_rows), self.n_top
+        tv = host[n + w:n + w + w * k]
+        ti = host[n + w + w * k:]
+        logprobs: list[TokenLogprobs | None] = [None] * n
+        for row, i in enumerate(self.logprob_rows):
+            top = tuple((int(ti[row * k + j]), tv[row * k + j]) for j in range(self.top_ns[row]))
+            logprobs[i] = TokenLogprobs(ids[i], host[n + row], top)
+        return SampleResult(ids, logprobs)
+
+
+def _host_copy(t: torch.Tensor) -> tuple[torch.Tensor, object]:
+    """Start copying ``t`` to pinned host memory; returns (host tensor, event at its end)."""
+    if not t.is_cuda:
+        return t, None
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
 
 
 class Sampler:
@@ -68,10 +135,21 @@ class Sampler:
     def sample(self, logits: torch.Tensor, request_ids: list[str],
                params: list[SamplingParams]) -> SampleResult:
         """logits: [N, V] float32 (any device). Advances generators of sampled requests."""
+        return self.sample_async(logits, request_ids, params).result()
+
+    def sample_async(self, logits: torch.Tensor, request_ids: list[str],
+                     params: list[SamplingParams]) -> PendingSample:
+        """``sample`` without waiting for the device (see ``PendingSample``). Advances the
+        generators of sampled requests (at once, in enqueue order)."""
         logits = logits.float()
         batched = self._batched if self._batched is not None else logits.is_cuda
         if batched:
             return self._sample_batched(logits, request_ids, params)
+        result = self._sample_rowwise(logits, request_ids, params)
+        return PendingSample(torch.tensor(result.token_ids, dtype=torch.int64), ready=result)
+
+    def _sample_rowwise(self, logits: torch.Tensor, request_ids: list[str],
+                        params: list[SamplingParams]) -> SampleResult:
         greedy_ids = logits.argmax(dim=-1)
         token_ids = greedy_ids.tolist()
         for i, p in enumerate(params):
@@ -103,39 +181,32 @@ class Sampler:
         return SampleResult(token_ids, logprobs)
 
     def _sample_batched(self, logits: torch.Tensor, request_ids: list[str],
-                        params: list[SamplingParams]) -> SampleResult:
-        """The batched path: one host transfer for the tokens (one more for logprobs)."""
+                        params: list[SamplingParams]) -> PendingSample:
+        """The batched path: enqueued only; one copy to the host, read by ``result()``."""
         dev = logits.device
         token_ids = logits.argmax(dim=-1)  # [N]
         rows = [i for i, p in enumerate(params) if not p.greedy]
         if rows:
-            chosen = sample_rows(logits[torch.tensor(rows, device=dev)],
-                                 [params[i] for i in rows],
+            rows_t = to_device(rows, torch.int64, dev)
+            chosen = sample_rows(logits[rows_t], [params[i] for i in rows],
                                  [self._generator(request_ids[i], params[i], dev)
                                   if params[i].seed is not None else None for i in rows],
                                  self._generator("", SamplingParams(), dev))
-            token_ids = token_ids.index_copy(0, torch.tensor(rows, device=dev), chosen)
+            token_ids = token_ids.index_copy(0, rows_t, chosen)
         want = [i for i, p in enumerate(params) if p.logprobs is not None]
         if not want:
-            return SampleResult(token_ids.tolist(), [None] * len(params))
-        idx = torch.tensor(want, device=dev)
+            host, event = _host_copy(token_ids)
+            return PendingSample(token_ids, host=host, event=event)
+        idx = to_device(want, torch.int64, dev)
         lp = torch.log_softmax(logits[idx], dim=-1)  # [W, V]
         n_top = max(params[i].logprobs for i in want)
         top_v, top_i = torch.topk(lp, n_top, dim=-1)
         chosen_lp = lp.gather(1, token_ids[idx][:, None])[:, 0]
-        host = torch.cat([token_ids.double(), chosen_lp.double(), top_v.double().flatten(),
-                          top_i.double().flatten()]).tolist()  # the one transfer
-        n = len(params)
-        ids = [int(t) for t in host[:n]]
-        w = len(want)
-        tv = host[n + w:n + w + w * n_top]
-        ti = host[n + w + w * n_top:]
-        logprobs: list[TokenLogprobs | None] = [None] * n
-        for row, i in enumerate(want):
-            k = params[i].logprobs
-            top = tuple((int(ti[row * n_top + j]), tv[row * n_top + j]) for j in range(k))
-            logprobs[i] = TokenLogprobs(ids[i], host[n + row], top)
-        return SampleResult(ids, logprobs)
+        packed = torch.cat([token_ids.double(), chosen_lp.double(), top_v.double().flatten(),
+                            top_i.double().flatten()])
+        host, event = _host_copy(packed)
+        return PendingSample(token_ids, host=host, event=event, logprob_rows=tuple(want),
+                             top_ns=tuple(params[i].logprobs for i in want), n_top=n_top)
 
 
 def sample_rows(logits: torch.Tensor,  # [S, V] float32, rows to sample
@@ -146,20 +217,20 @@ def sample_rows(logits: torch.Tensor,  # [S, V] float32, rows to sample
     Advances ``shared`` once and each seeded row's generator once. Pure otherwise."""
     dev = logits.device
     s, v = logits.shape
-    temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)
+    temps = to_device([p.temperature for p in params], torch.float32, dev)
     x = logits / temps[:, None]
     top_ks = [min(p.top_k, v) if p.top_k else v for p in params]
     top_ps = [p.top_p for p in params]
     if min(top_ks) < v or min(top_ps) < 1.0:
         srt, order = torch.sort(x, dim=-1, descending=True)  # [S, V]
         if min(top_ks) < v:
-            k = torch.tensor(top_ks, device=dev)[:, None] - 1
+            k = to_device(top_ks, torch.int64, dev)[:, None] - 1
             kth = srt.gather(1, k)  # [S, 1]
             srt = srt.masked_fill(srt < kth, float("-inf"))
         if min(top_ps) < 1.0:
             probs = torch.softmax(srt, dim=-1)
             cum = probs.cumsum(-1)
-            top_p = torch.tensor(top_ps, dtype=torch.float32, device=dev)[:, None]
+            top_p = to_device(top_ps, torch.float32, dev)[:, None]
             srt = srt.masked_fill((cum - probs) > top_p, float("-inf"))
         x = torch.empty_like(x).scatter_(1, order, srt)
     probs = torch.softmax(x, dim=-1)
