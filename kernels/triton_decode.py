@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.kernels.pdl import pdl_enter, use_pdl
+
 _LOG2E = math.log2(math.e)
 
 
@@ -169,8 +171,9 @@ def _decode_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
     SPLIT: tl.constexpr, FUSED_REDUCE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    PART_BLOCKS: tl.constexpr,
+    PART_BLOCKS: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     kv_head = tl.program_id(0)
     part = tl.program_id(1)
     seq = tl.program_id(2)
@@ -352,6 +355,7 @@ def paged_decode_attention(
         FUSED_REDUCE=tuning.fused_reduce,
         DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
         PART_BLOCKS=part_blocks, num_warps=tuning.num_warps, num_stages=tuning.num_stages,
+        PDL=use_pdl(query), launch_pdl=use_pdl(query),
     )
     if split and not tuning.fused_reduce:
         _decode_merge_kernel[(hkv, n)](

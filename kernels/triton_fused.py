@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.kernels.pdl import pdl_enter, use_pdl
+
 
 # ---- references ----------------------------------------------------------------------
 def rms_norm_reference(x, weight, eps, residual=None):
@@ -55,7 +57,8 @@ def rope_store_kv_reference(q, k, v, positions, cos, sin, k_cache, v_cache, slot
 # ---- kernels ---------------------------------------------------------------------------
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, n_cols, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -85,12 +88,15 @@ def rms_norm(x: torch.Tensor,  # [T, H]
     _rms_norm_kernel[(t,)](
         x, residual if residual is not None else x, weight, out,
         x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0), h, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 512)))
+        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 512)),
+        PDL=use_pdl(x), launch_pdl=use_pdl(x))
     return out
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_o, BLOCK: tl.constexpr):
+def _silu_mul_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_o, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -108,7 +114,9 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:  # [T, 2I] -> [T, I]
         return out
     block = 1024
     _silu_mul_kernel[(t, triton.cdiv(n, block))](gate_up, out, n, gate_up.stride(0),
-                                                  out.stride(0), BLOCK=block, num_warps=4)
+                                                  out.stride(0), BLOCK=block, num_warps=4,
+                                                  PDL=use_pdl(gate_up),
+                                                  launch_pdl=use_pdl(gate_up))
     return out
 
 
@@ -131,8 +139,9 @@ def _rope_store_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_c,
     stride_cb, stride_ct, stride_ch,
     NUM_Q: tl.constexpr, NUM_KV: tl.constexpr, BLOCK_H: tl.constexpr,
-    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, KV_BLOCK: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, KV_BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     offs = tl.arange(0, BLOCK_HALF)
@@ -192,7 +201,7 @@ def rope_store_kv(
         cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_Q=hq, NUM_KV=hkv, BLOCK_H=triton.next_power_of_2(max(hq, hkv)),
         HALF=half, BLOCK_HALF=triton.next_power_of_2(half), KV_BLOCK=k_cache.shape[1],
-        num_warps=4)
+        num_warps=4, PDL=use_pdl(q), launch_pdl=use_pdl(q))
 
 
 __all__ = ["rms_norm", "rms_norm_reference", "rope_store_kv", "rope_store_kv_reference",

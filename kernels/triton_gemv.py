@@ -45,6 +45,8 @@ import triton
 import triton.language as tl
 import triton.testing
 
+from pdserve.kernels.pdl import pdl_enter, use_pdl
+
 MAX_ROWS = 8  # the largest M this kernel takes
 MAX_FMA_ROWS = 4  # the FMA variant keeps one accumulator per x row, up to this many
 
@@ -118,7 +120,8 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, tickets_ptr, M, N, K,
                  stride_xm, stride_wn, stride_om,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  USE_DOT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-                 SPLIT_K: tl.constexpr):
+                 SPLIT_K: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     # rows past N read row N - 1 (valid memory, no mask on the W stream); not stored
@@ -304,7 +307,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
             if x.is_cuda and torch.cuda.is_current_stream_capturing():
                 config = default_config(n, k, m)  # never time inside a capture
             else:
-                _gemv_autotuned[_grid(n)](*args, BLOCK_M=block_m, HAS_BIAS=has_bias)
+                _gemv_autotuned[_grid(n)](*args, BLOCK_M=block_m, HAS_BIAS=has_bias, PDL=False)
                 _chosen[key] = _from_triton(_gemv_autotuned.best_config)
                 return out
     assert config.split_k == 1 or config.use_dot, "split-K needs the tensor-core variant"
@@ -312,5 +315,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         *args, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         USE_DOT=config.use_dot, HAS_BIAS=has_bias,
         EVEN_K=_even_k(k, config.block_k, config.split_k), SPLIT_K=config.split_k,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        num_warps=config.num_warps, num_stages=config.num_stages, PDL=use_pdl(x),
+        launch_pdl=use_pdl(x))
     return out

@@ -21,10 +21,11 @@ import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from pdserve.kernels import (triton_blocks, triton_checksum, triton_decode, triton_gemv,
-                             triton_prefill, triton_store)
+from pdserve.kernels import (triton_blocks, triton_checksum, triton_decode, triton_fused,
+                             triton_gemv, triton_prefill, triton_store)
 
 def compile_for_sm90(fn, types, consts, num_warps, num_stages):
+    pdl = bool(consts.get("PDL", False))
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:
@@ -35,7 +36,7 @@ def compile_for_sm90(fn, types, consts, num_warps, num_stages):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, sig, consts, attrs)
     triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                   options={"num_warps": num_warps, "num_stages": num_stages})
+                   options={"num_warps": num_warps, "num_stages": num_stages, "launch_pdl": pdl})
 
 def decode(dt, d, group, bs, split, fused, block_n, stages, warps=4, part_blocks=0):
     gr = triton.next_power_of_2(group)
@@ -46,7 +47,8 @@ def decode(dt, d, group, bs, split, fused, block_n, stages, warps=4, part_blocks
     consts = dict(GROUP=group, BLOCK_G=max(16, gr), BLOCK_GR=gr, HEAD_DIM=d, BLOCK_D=d,
                   KV_BLOCK=bs, BLOCK_N=block_n, BLOCK_P=max(1, min(16, 8192 // (gr * d))),
                   SPLIT=split, FUSED_REDUCE=fused,
-                  DOT_PRECISION="ieee" if dt == "fp32" else "tf32", PART_BLOCKS=part_blocks)
+                  DOT_PRECISION="ieee" if dt == "fp32" else "tf32", PART_BLOCKS=part_blocks,
+                  PDL=dt != "fp32")
     compile_for_sm90(triton_decode._decode_kernel, types, consts, warps, stages)
     if split and not fused:
         compile_for_sm90(triton_decode._decode_merge_kernel,
@@ -66,7 +68,7 @@ def gemv(dt, block_m, c, has_bias, even_k):
     types = dict(x_ptr=f"*{dt}", w_ptr=f"*{dt}", bias_ptr=f"*{dt}", out_ptr=f"*{dt}",
                  ws_ptr="*fp32", tickets_ptr="*i32")
     consts = dict(BLOCK_M=block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, USE_DOT=c.use_dot,
-                  HAS_BIAS=has_bias, EVEN_K=even_k, SPLIT_K=c.split_k)
+                  HAS_BIAS=has_bias, EVEN_K=even_k, SPLIT_K=c.split_k, PDL=block_m != 2)
     compile_for_sm90(triton_gemv._gemv_kernel, types, consts, c.num_warps, c.num_stages)
 
 case = sys.argv[1]
@@ -90,6 +92,19 @@ elif case == "gemv":
     gemv("bf16", triton_gemv.MAX_FMA_ROWS, triton_gemv.CONFIGS[0], False, True)
     gemv("fp16", 4, triton_gemv.CONFIGS[0], True, False)  # K tail masked
     gemv("fp16", 1, triton_gemv.CONFIGS[-1], False, False)
+elif case == "fused":  # the decode step's small kernels, launched with PDL on the GPU
+    for pdl in (False, True):
+        compile_for_sm90(triton_fused._rms_norm_kernel,
+                         dict(x_ptr="*bf16", res_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16",
+                              eps="fp32"), dict(HAS_RESIDUAL=True, BLOCK=4096, PDL=pdl), 8, 1)
+        compile_for_sm90(triton_fused._silu_mul_kernel, dict(x_ptr="*bf16", out_ptr="*bf16"),
+                         dict(BLOCK=1024, PDL=pdl), 4, 1)
+        compile_for_sm90(triton_fused._rope_store_kernel,
+                         dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", pos_ptr="*i64",
+                              cos_ptr="*fp32", sin_ptr="*fp32", kc_ptr="*bf16", vc_ptr="*bf16",
+                              slot_ptr="*i64"),
+                         dict(NUM_Q=32, NUM_KV=8, BLOCK_H=32, HALF=64, BLOCK_HALF=64,
+                              KV_BLOCK=16, PDL=pdl), 4, 1)
 else:
     compile_for_sm90(triton_store._store_kv_kernel,
                      dict(key_ptr="*fp32", value_ptr="*fp32", k_cache_ptr="*bf16",
@@ -119,7 +134,7 @@ def _ptxas_present() -> bool:
 
 
 @pytest.mark.skipif(not _ptxas_present(), reason="Triton's NVIDIA backend (ptxas) not installed")
-@pytest.mark.parametrize("case", ["decode", "prefill", "copies", "gemv"])
+@pytest.mark.parametrize("case", ["decode", "prefill", "copies", "gemv", "fused"])
 def test_kernels_compile_for_sm90(case):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
