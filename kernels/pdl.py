@@ -4,12 +4,15 @@ before it on the stream (Hopper and later).
 A decode step of a small batch is ~300 short kernels back to back; between two of
 them the GPU drains one grid, then launches and places the next. Launched with PDL,
 the next kernel's programs may start as soon as every program of the previous one
-has started (``gdc_launch_dependents``); each then blocks in ``gdc_wait`` until the
-previous kernel has finished and its writes are visible. So a PDL kernel must do
-nothing before ``gdc_wait`` that reads what an earlier kernel writes, or writes
+has signalled (``gdc_launch_dependents``); each then blocks in ``gdc_wait`` until
+the previous kernel has finished and its writes are visible. So a PDL kernel must
+do nothing before ``gdc_wait`` that reads what an earlier kernel writes, or writes
 anything at all (its output may be memory an earlier kernel still reads).
-``pdl_enter`` is that prologue, at the very top of a kernel. Kernels launched
-without PDL, and torch's own, keep full stream order, so mixing is safe.
+``pdl_enter`` is that prologue, at the very top of a kernel: wait, then signal, so
+that only the one kernel after the running one is resident early (signalling
+before the wait let a chain of waiting kernels take SM slots: H200 batch-1 decode
+graph 4.69 ms against 4.41 without PDL). Kernels launched without PDL, and torch's
+own, keep full stream order, so mixing is safe.
 
 CUDA graph capture keeps the dependency (programmatic edges). The interpreter has
 no PDL: CPU tensors launch with it off.
@@ -38,7 +41,7 @@ def use_pdl(t: torch.Tensor) -> bool:
 
 @triton.jit
 def pdl_enter(PDL: tl.constexpr):
-    """Kernel prologue: let the next kernel launch, then wait for the previous one."""
+    """Kernel prologue: wait for the previous kernel, then let the next one launch."""
     if PDL:
-        gdc_launch_dependents()
         gdc_wait()
+        gdc_launch_dependents()
