@@ -43,7 +43,9 @@ Sampling: a seeded request draws from its own generator once per step it is
 sampled in, in step order, so its tokens equal the synchronous path's.
 Unseeded random sampling shares the engine's generator, which a discarded
 row also advances: those draws differ from the synchronous path (they are
-random either way); greedy and seeded outputs are identical.
+random either way); greedy and seeded outputs are identical. Step n+1's
+sampling must not read the host's token history (there are no penalties
+today): step n's token is not in it yet.
 """
 
 from dataclasses import dataclass
@@ -113,7 +115,7 @@ class Lookahead:
         """Block until the step in flight has finished on the device (its KV written).
         Changes nothing."""
         if self.in_flight is not None:
-            self.in_flight.sample.result()
+            self.in_flight.sample.wait()
 
     def plan_next(self, prev: InFlightStep) -> SchedulerOutput | None:
         """The step after ``prev`` (launched, unprocessed): every running request of

@@ -177,7 +177,9 @@ class ModelRunner:
 
         def put(a: np.ndarray) -> torch.Tensor:  # to a GPU without blocking (pinned)
             t = torch.from_numpy(a)
-            return t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t
+            if dev.type != "cuda" or t.numel() == 0:
+                return t.to(dev)
+            return t.pin_memory().to(dev, non_blocking=True)
 
         meta = AttentionMetadata(
             slot_mapping=put(slots), num_decode_tokens=nd,

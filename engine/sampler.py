@@ -43,7 +43,7 @@ def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.T
     """A small host list as a tensor on ``device``; to a GPU from pinned memory without
     blocking the host (a pageable copy would wait for all work queued on the stream)."""
     t = torch.tensor(values, dtype=dtype)
-    if device.type != "cuda":
+    if device.type != "cuda" or not values:
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
 
@@ -66,12 +66,16 @@ class PendingSample:
     top_ns: tuple[int, ...] = ()  # how many alternatives each of those rows wants
     n_top: int = 0  # width of the packed top-N block (max of ``top_ns``)
 
+    def wait(self) -> None:
+        """Block until this step's sampling (and all device work before it) is done."""
+        if self.event is not None:
+            self.event.synchronize()
+
     def result(self) -> SampleResult:
         """Wait for this step's ids on the host and unpack them. Pure apart from waiting."""
         if self.ready is not None:
             return self.ready
-        if self.event is not None:
-            self.event.synchronize()
+        self.wait()
         host = self.host.tolist()
         n = int(self.token_ids.shape[0])
         if not self.logprob_rows:

@@ -6,6 +6,7 @@ discarded rows and the token feed from the sampled-ids tensor run as on a GPU.""
 import pytest
 
 from pdserve import LLM, SamplingParams
+from pdserve.engine.config import EngineConfig
 
 PROMPTS = ["Hello, my name is", "The capital of France is", "1, 2, 3, 4,",
            "Write a poem about the sea", "Count: 1, 2, 3,",
@@ -20,6 +21,13 @@ def _llm(overlap: bool, **kw) -> LLM:
 @pytest.fixture(scope="module")
 def pair():
     return _llm(False), _llm(True)
+
+
+@pytest.fixture(scope="module")
+def greedy(pair):
+    """The synchronous engine's greedy continuations of PROMPTS (12 tokens, no EOS)."""
+    return pair[0].generate(PROMPTS, SamplingParams(temperature=0, max_tokens=12,
+                                                    ignore_eos=True), use_tqdm=False)
 
 
 class LaunchLog:
@@ -67,40 +75,40 @@ def _all_free(llm: LLM) -> None:
     assert e.scheduler.num_running == 0 and e.scheduler.num_waiting == 0
 
 
-def test_defaults_on_only_with_cuda_graphs(pair):
+def test_switch(pair):
     sync, ahead = pair
     assert sync.engine.lookahead is None and ahead.engine.lookahead is not None
-    assert LLM("smollm2-135m", num_blocks=8).engine.lookahead is None  # CPU: no graphs
+    assert EngineConfig().async_scheduling is None  # None: on exactly when graphs run
 
 
-def test_alone_stop_token_emits_nothing_extra_and_max_tokens_runs_no_extra_row(pair):
+def test_alone_stop_token_emits_nothing_extra_and_max_tokens_runs_no_extra_row(pair,
+                                                                                greedy):
     sync, ahead = pair
     base = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
-    full = sync.generate(PROMPTS[4], base, use_tqdm=False)[0]
-    tid = full.token_ids[5]
-    k = full.token_ids.index(tid) + 1
+    full = greedy[4].token_ids[:10]
+    tid = full[5]
+    k = full.index(tid) + 1
     stop = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, stop_token_ids=[tid])
     log = LaunchLog(ahead)
     try:
         out = ahead.generate(PROMPTS[4], stop, use_tqdm=False)[0]
         # prefill (synchronous) + k - 1 decodes + 1 lookahead row dropped: k + 1 rows
-        assert out.token_ids == full.token_ids[:k] and out.finish_reason == "stop"
+        assert out.token_ids == full[:k] and out.finish_reason == "stop"
         assert out.outputs[0].stop_reason == tid
         assert log.rows == k + 1 and log.fed == k - 1
         log.steps.clear()
         out = ahead.generate(PROMPTS[4], base, use_tqdm=False)[0]
         # max_tokens is known ahead: the last token's step has no lookahead behind it
-        assert out.token_ids == full.token_ids and out.finish_reason == "length"
+        assert out.token_ids == full and out.finish_reason == "length"
         assert log.rows == 10 and log.fed == 8
     finally:
         log.close()
     _all_free(ahead)
 
 
-def test_mixed_batch_finishing_on_eos_stop_token_stop_string_and_length(pair):
+def test_mixed_batch_finishing_on_eos_stop_token_stop_string_and_length(pair, greedy):
     sync, ahead = pair
-    base = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    full = sync.generate(PROMPTS, base, use_tqdm=False)
+    full = greedy
     params = [
         SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
         SamplingParams(temperature=0, max_tokens=16, ignore_eos=True,
@@ -135,14 +143,14 @@ def test_mixed_batch_finishing_on_eos_stop_token_stop_string_and_length(pair):
 def test_seeded_sampling_and_logprobs_equal_the_synchronous_step(pair):
     sync, ahead = pair
     params = [SamplingParams(temperature=0.9, top_p=0.9, top_k=50, seed=11 + i,
-                             max_tokens=6 + 3 * i, ignore_eos=True, logprobs=2)
+                             max_tokens=4 + 2 * i, ignore_eos=True, logprobs=2)
               for i in range(3)]
-    params += [SamplingParams(temperature=0, max_tokens=9, logprobs=3),
-               SamplingParams(temperature=1.2, seed=5, max_tokens=14)]
+    params += [SamplingParams(temperature=0, max_tokens=6, logprobs=3),
+               SamplingParams(temperature=1.2, seed=5, max_tokens=10)]
     want = sync.generate(PROMPTS[:5], params, use_tqdm=False)
     got = ahead.generate(PROMPTS[:5], params, use_tqdm=False)
     _same(got, want)
-    assert [len(o.token_ids) for o in got] == [6, 9, 12, len(want[3].token_ids), 14]
+    assert [len(o.token_ids) for o in got] == [4, 6, 8, len(want[3].token_ids), 10]
     for o, p in zip(got[:4], params[:4], strict=True):
         assert [lp.token_id for lp in o.outputs[0].logprobs] == o.token_ids
         assert all(len(lp.top) == p.logprobs for lp in o.outputs[0].logprobs)
@@ -151,7 +159,7 @@ def test_seeded_sampling_and_logprobs_equal_the_synchronous_step(pair):
 
 def _drive(llm: LLM, abort_after: int) -> list[list[tuple]]:
     e = llm.engine
-    p = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    p = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     for i, text in enumerate(PROMPTS[:3]):
         e.add_request(f"drive-{i}", llm.tokenizer.encode(text), p)
     calls = []
@@ -166,11 +174,11 @@ def _drive(llm: LLM, abort_after: int) -> list[list[tuple]]:
 
 def test_abort_mid_stream_gives_the_same_deltas_call_by_call(pair):
     sync, ahead = pair
-    want = _drive(sync, abort_after=4)
-    got = _drive(ahead, abort_after=4)
+    want = _drive(sync, abort_after=3)
+    got = _drive(ahead, abort_after=3)
     assert got == want  # call k returns step k's deltas on both paths
-    assert sum(1 for c in got for d in c if d[0] == "drive-1") == 4
-    assert [d[0] for d in got[-1]] == ["drive-0", "drive-2"] and got[-1][0][5] == 12
+    assert sum(1 for c in got for d in c if d[0] == "drive-1") == 3
+    assert [d[0] for d in got[-1]] == ["drive-0", "drive-2"] and got[-1][0][5] == 8
     _all_free(sync)
     _all_free(ahead)
 
@@ -179,7 +187,7 @@ def test_prefix_cache_registers_only_accepted_tokens(pair):
     sync, ahead = pair
     for llm in pair:
         assert llm.engine.pool.reset_prefix_cache()
-    first = SamplingParams(temperature=0, max_tokens=20)
+    first = SamplingParams(temperature=0, max_tokens=12)
     a = ahead.generate(PROMPTS[5], first, use_tqdm=False)[0]
     assert a.token_ids == sync.generate(PROMPTS[5], first, use_tqdm=False)[0].token_ids
     follow = ahead.tokenizer.encode(PROMPTS[5]) + a.token_ids + ahead.tokenizer.encode(" Then")
@@ -205,3 +213,41 @@ def test_pool_too_small_preempts_and_frees_every_block():
         _all_free(small)
     _same(outs[1], outs[0])
     assert all(len(o.token_ids) == 14 and o.finish_reason == "length" for o in outs[1])
+
+
+def test_transfer_hooks_while_a_step_is_in_flight(pair):
+    """Decode side of a hand-off on the lookahead engine: blocks reserved and the request
+    queued while decodes run ahead; the KV (computed by a prefill-only request on the
+    synchronous engine, copied block by block) gives the same tokens as a local run."""
+    sync, ahead = pair
+    p = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    prompt = sync.tokenizer.encode(PROMPTS[5])
+    want = sync.generate([prompt], p, use_tqdm=False)[0].token_ids
+    pe, de = sync.engine, ahead.engine
+    pe.add_request("xfer", prompt, p, prefill_only=True)
+    while pe.has_unfinished():
+        pe.step()
+    (src,) = pe.finished_prefills
+    assert src.finish_reason == "length" and src.blocks  # held until the KV is sent
+    bg: dict[str, list[int]] = {"bg-0": [], "bg-1": []}
+    for i in range(2):
+        de.add_request(f"bg-{i}", ahead.tokenizer.encode(PROMPTS[i]), p)
+    for _ in range(2):
+        for d in de.step():
+            bg[d.request_id].extend(d.new_token_ids)
+    assert de.lookahead.in_flight is not None
+    req = de.reserve_for_transfer("xfer", prompt, p)
+    assert req is not None and len(req.blocks) == len(src.blocks)
+    for (pk, pv), (dk, dv) in zip(pe.kv_cache.layers, de.kv_cache.layers, strict=True):
+        dk[req.block_ids] = pk[src.block_ids]
+        dv[req.block_ids] = pv[src.block_ids]
+    pe.release_prefill(src)
+    tokens = list(de.complete_transfer("xfer", src.output_token_ids[0]).new_token_ids)
+    while de.has_unfinished():
+        for d in de.step():
+            (tokens if d.request_id == "xfer" else bg[d.request_id]).extend(d.new_token_ids)
+    assert tokens == want
+    alone = sync.generate(PROMPTS[:2], p, use_tqdm=False)
+    assert [bg["bg-0"], bg["bg-1"]] == [o.token_ids for o in alone]
+    _all_free(sync)
+    _all_free(ahead)

@@ -144,3 +144,36 @@ def test_fused_kernels_match_references(dtype):
         res.append((y, kc, vc))
     for a, b in zip(*res, strict=True):
         assert torch.allclose(a.float(), b.float(), atol=tol, rtol=tol, equal_nan=True)
+
+
+def test_lookahead_on_graphs_equals_the_synchronous_step(model_dir):
+    """The one-step lookahead on the captured graphs (the token feed on the device, rows
+    dropped after stop tokens) against the synchronous step: greedy, seeded, logprobs."""
+    prompts = _prompts()
+    kw = {"max_num_batched_tokens": CHUNK, "num_blocks": 512, "max_num_seqs": 16,
+          "dtype": "float32"}
+    sync = LLM(str(model_dir), async_scheduling=False, **kw)
+    full = sync.generate(prompts, SamplingParams(temperature=0, max_tokens=NEW_TOKENS,
+                                                 ignore_eos=True), use_tqdm=False)
+    params = []
+    for i, f in enumerate(full):
+        if i % 3 == 0:  # stops on a token of its greedy output: its next row is dropped
+            params.append(SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True,
+                                         stop_token_ids=[f.token_ids[3 + i % 7]]))
+        else:
+            params.append(SamplingParams(temperature=0.8, seed=100 + i, ignore_eos=True,
+                                         max_tokens=NEW_TOKENS - i, logprobs=2 if i % 2 else None))
+    want = sync.generate(prompts, params, use_tqdm=False)
+    del sync
+    torch.cuda.empty_cache()
+    ahead = LLM(str(model_dir), **kw)
+    assert ahead.engine.lookahead is not None and ahead.engine.runner.graphs is not None
+    got = ahead.generate(prompts, params, use_tqdm=False)
+    for g, w in zip(got, want, strict=True):
+        assert g.token_ids == w.token_ids and g.finish_reason == w.finish_reason
+        assert [x.token_id for x in g.outputs[0].logprobs or []] == \
+            [x.token_id for x in w.outputs[0].logprobs or []]
+        for x, y in zip(g.outputs[0].logprobs or [], w.outputs[0].logprobs or [], strict=True):
+            assert x.logprob == pytest.approx(y.logprob, abs=1e-4)
+    assert [o.finish_reason for o in got][::3] == ["stop"] * len(got[::3])
+    assert ahead.engine.pool.num_free_blocks == 512 and not ahead.engine.has_unfinished()
