@@ -86,11 +86,11 @@ def family(name: str) -> str:
 def kernel_breakdown(graphs, b: int, reps: int = 5) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
-    graphs.replay_resident(b)
+    graphs.replay_resident(b)  # slots off: the replays below write no KV
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
-            graphs.replay_resident(b)
+            graphs.replay_resident(b, write_kv=True)
         torch.cuda.synchronize()
     fams: dict[str, float] = collections.defaultdict(float)
     top: dict[str, float] = collections.defaultdict(float)
