@@ -42,7 +42,7 @@ import torch.nn.functional as F  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 from pdserve.bench.common import write_result  # noqa: E402
-from pdserve.kernels.triton_gemv import chosen_configs, gemv, m_bucket  # noqa: E402
+from pdserve.kernels.triton_gemv import chosen_configs, gemv  # noqa: E402
 
 # name: (N, K, uses per decode step) for Llama-3-8B (qkv and gate_up fused, engine/llama.py)
 SHAPES = {
@@ -96,7 +96,7 @@ def run_shape(name: str, n: int, k: int, m: int, w: torch.Tensor, copy: float) -
     tune_s = time.perf_counter() - t0
     err = rel_err(out, F.linear(x.float(), w.float()))
     assert err < 1e-2, f"{name} M={m}: rel err {err:.2e}"
-    cfg = chosen_configs()[(n, k, m_bucket(m), DTYPE, torch.cuda.current_device())]
+    cfg = chosen_configs()[(n, k, DTYPE, torch.cuda.current_device())]
     ours = median_ms(lambda: gemv(x, w, out=out))
     cublas = median_ms(lambda: F.linear(x, w))
     ours_graph = median_ms(graph_of(lambda: gemv(x, w, out=out)).replay)

@@ -28,11 +28,16 @@ with 4000 programs at 1.0x). Two inner products, chosen per shape by autotuning:
   ``num_stages`` pipelines the W tiles through shared memory (cp.async), so several
   tiles per program are in flight. Padding rows of x are masked (never read).
 
-The first eager call for a (N, K, M bucket, dtype) runs ``triton.autotune`` over
-``CONFIGS`` (L2 flushed between runs) and remembers its pick; later calls launch that
-config directly (no autotuner on the hot path). A call made while a CUDA graph is being
-captured never autotunes: it uses the remembered pick, or ``default_config`` if the
-shape was never run eagerly. The launch has no host sync, so it captures as is.
+The first eager call for a (N, K, dtype) runs ``triton.autotune`` over ``CONFIGS``
+(tensor-core variants only; L2 flushed between runs) and remembers its pick for every
+M; later calls launch that config directly (no autotuner on the hot path). One config
+for every M makes the result batch-invariant: an output row is the same bits whether
+its x row came alone or with 7 others (each output column of a dot sums over K in an
+order that does not depend on the other columns), so a seeded request samples the
+same tokens in any batch (per M-bucket picks broke that on the H200). A call made
+while a CUDA graph is being captured never autotunes: it uses the remembered pick, or
+``default_config`` if the shape was never run eagerly. The launch has no host sync,
+so it captures as is.
 
 Public names: ``gemv``, ``GemvConfig``, ``CONFIGS``, ``default_config``,
 ``chosen_configs``, ``MAX_ROWS``.
@@ -62,13 +67,10 @@ class GemvConfig:
 
 
 # Modest on purpose: every entry compiles once per M bucket (1, 2, 4, 8) and dtype, and
-# is timed once per weight shape, the first time the engine warms up.
+# is timed once per weight shape, the first time the engine warms up. Tensor-core
+# variants only (one pick serves every M, see the module doc); the FMA variant
+# (``use_dot=False``, up to ``MAX_FMA_ROWS`` rows) runs only when a config asks for it.
 CONFIGS = (
-    GemvConfig(16, 256, 4, 1, False),  # FMA: a warp spans BLOCK_K (reduction in-warp)
-    GemvConfig(32, 256, 4, 1, False),
-    GemvConfig(8, 512, 2, 1, False),
-    GemvConfig(16, 512, 4, 1, False),
-    GemvConfig(32, 512, 8, 1, False),
     GemvConfig(16, 256, 4, 4, True),  # tensor cores, W tiles pipelined through smem
     GemvConfig(16, 512, 4, 3, True),
     GemvConfig(32, 256, 4, 4, True),
@@ -89,9 +91,9 @@ def m_bucket(m: int) -> int:
     return triton.next_power_of_2(m)
 
 
-def default_config(n: int, k: int, m: int) -> GemvConfig:
+def default_config(n: int, k: int) -> GemvConfig:
     """Untimed choice (used only when a graph is captured before any eager call)."""
-    return CONFIGS[0] if m_bucket(m) <= 2 else CONFIGS[5]
+    return CONFIGS[0]
 
 
 @triton.jit
@@ -217,11 +219,9 @@ def _triton_config(c: GemvConfig) -> triton.Config:
 
 
 def _prune(configs, nargs, **kwargs):
-    """FMA variants only up to ``MAX_FMA_ROWS`` rows (one accumulator per row)."""
-    block_m = kwargs["BLOCK_M"]
+    """Split-K configs only where every split gets at least one tile of K."""
     k = nargs["K"]
-    return [c for c in configs if (c.kwargs["USE_DOT"] or block_m <= MAX_FMA_ROWS)
-            and k >= c.kwargs["SPLIT_K"] * c.kwargs["BLOCK_K"]]
+    return [c for c in configs if k >= c.kwargs["SPLIT_K"] * c.kwargs["BLOCK_K"]]
 
 
 def _even_k(k: int, block_k: int, split_k: int) -> bool:
@@ -234,17 +234,17 @@ def _bench(fn, quantiles):
 
 
 _gemv_autotuned = triton.autotune(
-    configs=[_triton_config(c) for c in CONFIGS], key=["N", "K", "BLOCK_M"],
+    configs=[_triton_config(c) for c in CONFIGS], key=["N", "K"],
     prune_configs_by={"early_config_prune": _prune}, do_bench=_bench,
 )(triton.heuristics({"EVEN_K": lambda a: _even_k(a["K"], a["BLOCK_K"], a["SPLIT_K"])})(
     _gemv_kernel))
 
-# (N, K, M bucket, dtype, device index) -> the config autotuning picked
+# (N, K, dtype, device index) -> the config autotuning picked (for every M)
 _chosen: dict[tuple, GemvConfig] = {}
 
 
 def chosen_configs() -> dict[tuple, GemvConfig]:
-    """A copy of the picks made so far, keyed ``(N, K, M bucket, dtype, device index)``."""
+    """A copy of the picks made so far, keyed ``(N, K, dtype, device index)``."""
     return dict(_chosen)
 
 
@@ -301,11 +301,11 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
             weight.stride(0), out.stride(0))
     block_m = m_bucket(m)
     if config is None:
-        key = (n, k, block_m, x.dtype, x.device.index)
+        key = (n, k, x.dtype, x.device.index)
         config = _chosen.get(key)
         if config is None:
             if x.is_cuda and torch.cuda.is_current_stream_capturing():
-                config = default_config(n, k, m)  # never time inside a capture
+                config = default_config(n, k)  # never time inside a capture
             else:
                 _gemv_autotuned[_grid(n)](*args, BLOCK_M=block_m, HAS_BIAS=has_bias, PDL=False)
                 _chosen[key] = _from_triton(_gemv_autotuned.best_config)

@@ -88,9 +88,10 @@ elif case == "prefill":
 elif case == "gemv":
     for c in triton_gemv.CONFIGS:  # every autotuned variant, once
         gemv("bf16", 8 if c.use_dot else 2, c, True, True)
-    gemv("bf16", 1, triton_gemv.CONFIGS[0], False, True)  # FMA, 1 and 4 rows
-    gemv("bf16", triton_gemv.MAX_FMA_ROWS, triton_gemv.CONFIGS[0], False, True)
-    gemv("fp16", 4, triton_gemv.CONFIGS[0], True, False)  # K tail masked
+    fma = triton_gemv.GemvConfig(16, 256, 4, 1, False)
+    gemv("bf16", 1, fma, False, True)  # FMA (by explicit config only), 1 and 4 rows
+    gemv("bf16", triton_gemv.MAX_FMA_ROWS, fma, False, True)
+    gemv("fp16", 4, fma, True, False)  # K tail masked
     gemv("fp16", 1, triton_gemv.CONFIGS[-1], False, False)
 elif case == "fused":  # the decode step's small kernels, launched with PDL on the GPU
     for pdl in (False, True):
