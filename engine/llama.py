@@ -106,14 +106,9 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if x.is_cuda:
-            from pdserve.kernels import ops
             from pdserve.kernels.triton_fused import silu_and_mul
 
-            gate_up = self.gate_up_proj(x)
-            if self.down_proj.bias is None and ops.can_gemv(gate_up, self.down_proj.weight):
-                # decode rows: silu(gate) * up formed inside the down projection's GEMV
-                return ops.silu_mul_linear(gate_up, self.down_proj.weight)
-            return self.down_proj(silu_and_mul(gate_up))
+            return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
