@@ -111,13 +111,13 @@ def test_mixed_batch_finishing_on_eos_stop_token_stop_string_and_length(pair, gr
     full = greedy
     params = [
         SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
-        SamplingParams(temperature=0, max_tokens=16, ignore_eos=True,
+        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
                        stop_token_ids=[full[1].token_ids[6]]),
-        SamplingParams(temperature=0, max_tokens=16, ignore_eos=True,
-                       stop=[full[2].text[9:12]]),
-        SamplingParams(temperature=0, max_tokens=16),  # ends on EOS (token 2)
+        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
+                       stop=[full[2].text[3:6]]),
+        SamplingParams(temperature=0, max_tokens=12),  # ends on EOS (token 2)
         SamplingParams(temperature=0, max_tokens=11, ignore_eos=True),
-        SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
     ]
     want = sync.generate(PROMPTS, params, use_tqdm=False)
     log = LaunchLog(ahead)
@@ -130,8 +130,8 @@ def test_mixed_batch_finishing_on_eos_stop_token_stop_string_and_length(pair, gr
                                               "length"]
     assert got[3].token_ids[-1] == 2 and got[3].outputs[0].stop_reason is None
     assert got[1].outputs[0].stop_reason == full[1].token_ids[6]
-    assert got[2].outputs[0].stop_reason == full[2].text[9:12]
-    assert [len(o.token_ids) for o in got] == [3, 7, len(want[2].token_ids), 9, 11, 16]
+    assert got[2].outputs[0].stop_reason == full[2].text[3:6]
+    assert [len(o.token_ids) for o in got] == [3, 7, len(want[2].token_ids), 9, 11, 12]
     assert log.fed > 0
     # every row beyond the emitted tokens belongs to a request that stopped unexpectedly
     # (stop token, stop string, EOS): at most one each
@@ -183,28 +183,28 @@ def test_abort_mid_stream_gives_the_same_deltas_call_by_call(pair):
     _all_free(ahead)
 
 
-def test_prefix_cache_registers_only_accepted_tokens(pair):
+def test_prefix_cache_registers_only_accepted_tokens(pair, greedy):
     sync, ahead = pair
     for llm in pair:
         assert llm.engine.pool.reset_prefix_cache()
-    first = SamplingParams(temperature=0, max_tokens=12)
+    # stops on its 10th token: the lookahead row after it is dropped
+    first = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
+                           stop_token_ids=[greedy[5].token_ids[9]])
     a = ahead.generate(PROMPTS[5], first, use_tqdm=False)[0]
-    assert a.token_ids == sync.generate(PROMPTS[5], first, use_tqdm=False)[0].token_ids
+    assert a.token_ids == greedy[5].token_ids[:10] and a.finish_reason == "stop"
+    assert sync.generate(PROMPTS[5], first, use_tqdm=False)[0].token_ids == a.token_ids
     follow = ahead.tokenizer.encode(PROMPTS[5]) + a.token_ids + ahead.tokenizer.encode(" Then")
     p = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     want = sync.generate([follow], p, use_tqdm=False)[0]
     got = ahead.generate([follow], p, use_tqdm=False)[0]
     assert got.token_ids == want.token_ids
     assert got.num_cached_tokens == want.num_cached_tokens > 0
-    assert ahead.engine.pool.reset_prefix_cache()
-    cold = ahead.generate([follow], p, use_tqdm=False)[0]
-    assert cold.num_cached_tokens == 0 and cold.token_ids == want.token_ids
     _all_free(ahead)
 
 
 def test_pool_too_small_preempts_and_frees_every_block():
     params = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)
-    prompts = PROMPTS[:4]  # 5-7 tokens each: 2 blocks each by the end, 6 in the pool
+    prompts = PROMPTS[:4]  # 5-11 tokens each: 2 blocks each by the end, 6 in the pool
     outs = []
     for overlap in (False, True):
         small = _llm(overlap, num_blocks=6)
