@@ -20,7 +20,7 @@ from pdserve import kernels
 from pdserve.engine.attention_metadata import AttentionMetadata
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.linear import Linear
-from pdserve.engine.rope import RotaryEmbedding
+from pdserve.engine.rope import RotaryEmbedding, rotate_
 
 # Called after each layer's K/V are stored: (layer_index) -> None.
 LayerHook = Callable[[int], None]
@@ -47,6 +47,9 @@ class RMSNorm(nn.Module):
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # one fused call; the same float32 ops as below, bit for bit
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(dtype)
@@ -64,19 +67,27 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
         self.scale = cfg.head_dim ** -0.5
 
-    def forward(self, x, positions, rope, k_cache, v_cache, meta: AttentionMetadata):
+    def forward(self, x, positions, rope, k_cache, v_cache, meta: AttentionMetadata,
+                rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """``rope_tables``: the step's ``rope.tables(positions, dtype)``, taken once for
+        every layer (CPU); None: looked up here."""
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(t, self.num_heads, self.head_dim)  # [T, Hq, D]
-        k = k.view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        v = v.view(t, self.num_kv_heads, self.head_dim)
+        hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) D]
         if x.is_cuda:  # rotates q in place, stores rotated k and v
             from pdserve.kernels.triton_fused import rope_store_kv
 
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = q.view(t, hq, d)  # [T, Hq, D]
+            k = k.view(t, hkv, d)  # [T, Hkv, D]
+            v = v.view(t, hkv, d)
             rope_store_kv(q, k, v, positions, rope.cos, rope.sin, k_cache, v_cache,
                           meta.slot_mapping)
         else:
-            q, k = rope(positions, q, k)
+            qk = qkv[:, :self.q_size + self.kv_size].view(t, hq + hkv, d)  # [T, Hq + Hkv, D]
+            rotate_(qk, *(rope_tables or rope.tables(positions, x.dtype)))  # q, k in place
+            q, k = qk[:, :hq], qk[:, hq:]
+            v = qkv[:, self.q_size + self.kv_size:].view(t, hkv, d)
             kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         nd = meta.num_decode_tokens
         if nd == t:
@@ -109,8 +120,8 @@ class MLP(nn.Module):
             from pdserve.kernels.triton_fused import silu_and_mul
 
             return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # views of one new tensor
+        return self.down_proj(F.silu(gate, inplace=True).mul_(up))
 
 
 class DecoderLayer(nn.Module):
@@ -121,14 +132,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, residual, positions, rope, k_cache, v_cache, meta):
+    def forward(self, x, residual, positions, rope, k_cache, v_cache, meta, rope_tables=None):
         """Returns (this layer's MLP output, the residual stream before it); their sum
         is the layer's output. ``residual`` None: ``x`` is the embedding."""
         if residual is None:
             residual, h = x, self.input_layernorm(x)
         else:
             h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, positions, rope, k_cache, v_cache, meta)
+        h = self.self_attn(h, positions, rope, k_cache, v_cache, meta, rope_tables)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
@@ -155,9 +166,11 @@ class LlamaForCausalLM(nn.Module):
         """Run the decoder; writes every token's K/V into the cache (mutates kv_caches)."""
         x = self.embed_tokens(input_ids)
         residual = None
+        tables = None if x.is_cuda else self.rope.tables(positions, x.dtype)
         for i, layer in enumerate(self.layers):
             k_cache, v_cache = kv_caches[i]
-            x, residual = layer(x, residual, positions, self.rope, k_cache, v_cache, meta)
+            x, residual = layer(x, residual, positions, self.rope, k_cache, v_cache, meta,
+                                tables)
             if layer_hook is not None:
                 layer_hook(i)
         return self.norm(x, residual)[0]

@@ -1,4 +1,13 @@
-"""Rotary position embeddings (HF "rotate half" layout), with Llama-3 and linear scaling."""
+"""Rotary position embeddings (HF "rotate half" layout), with Llama-3 and linear scaling.
+
+Two ways to apply them, with the same results bit for bit: ``RotaryEmbedding``'s
+call returns rotated copies of q and k (HF's ``x * cos + rotate_half(x) * sin``);
+the eager CPU path takes the step's ``tables`` once and rotates q and k together
+in place with ``rotate_``, which writes ``rotate_half(x) * sin`` as
+``roll(x, D/2) * sin_signed`` (``sin`` with its first half negated: the same
+products, since ``(-a) * b == a * (-b)`` exactly) so that a layer's rotation is
+four tensor ops.
+"""
 
 import math
 
@@ -40,6 +49,27 @@ class RotaryEmbedding(torch.nn.Module):
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D]
         sin = self.sin[positions].unsqueeze(1).to(q.dtype)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+    def tables(self, positions: torch.Tensor,  # [T] int64
+               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin_signed), each [T, 1, D] in ``dtype``: the rows of ``positions``,
+        ``sin_signed`` with its first half negated, for ``rotate_``. Pure."""
+        cos = self.cos.index_select(0, positions).to(dtype)
+        sin = self.sin.index_select(0, positions).to(dtype)  # a new tensor: negated in place
+        sin[:, :sin.shape[1] // 2].neg_()
+        return cos.unsqueeze(1), sin.unsqueeze(1)
+
+
+def rotate_(x: torch.Tensor,  # [T, H, D], mutated
+            cos: torch.Tensor,  # [T, 1, D] from ``RotaryEmbedding.tables``
+            sin_signed: torch.Tensor) -> None:  # [T, 1, D]
+    """Rotate ``x`` in place: ``x * cos + rotate_half(x) * sin``, the same values as
+    ``RotaryEmbedding``'s call. Mutates ``x`` (a view, e.g. q and k side by side in the
+    QKV projection's output, is fine)."""
+    rolled = x.roll(x.shape[-1] // 2, -1)  # [x2, x1]
+    rolled.mul_(sin_signed)  # [-x2 * sin, x1 * sin]
+    x.mul_(cos).add_(rolled)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

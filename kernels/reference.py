@@ -61,10 +61,13 @@ def paged_decode_attention(
     k = _gather_padded(k_cache, tables)[:, :max_ctx].transpose(1, 2)  # [N, Hkv, L, D]
     v = _gather_padded(v_cache, tables)[:, :max_ctx].transpose(1, 2)
     pos = torch.arange(max_ctx, device=query.device)
-    valid = pos[None, :] < context_lens[:, None].to(query.device)  # [N, L]
+    beyond = pos[None, :] >= context_lens[:, None].to(query.device)  # [N, L]
+    # an additive float mask: SDPA would turn a boolean one into this on every call
+    mask = torch.zeros(n, 1, 1, max_ctx, device=query.device).masked_fill_(
+        beyond[:, None, None, :], float("-inf"))
     out = torch.nn.functional.scaled_dot_product_attention(
         query.float().unsqueeze(2), k.float(), v.float(),  # q [N, Hq, 1, D]
-        attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=True)  # [N, Hq, 1, D]
+        attn_mask=mask, scale=scale, enable_gqa=True)  # [N, Hq, 1, D]
     return out.reshape(n, hq, d).to(query.dtype)
 
 
