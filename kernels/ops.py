@@ -139,14 +139,3 @@ def linear_small_m(x, weight, bias=None):
 
         return gemv(x, weight, bias)
     return reference.linear(x, weight, bias)
-
-
-def silu_mul_linear(gate_up, weight, bias=None):
-    """``linear(silu(gate) * up, weight, bias)`` for ``gate_up`` = ``[M, 2K]`` of
-    decode size, when ``can_gemv(gate_up, weight)``: one Triton GEMV that forms
-    ``silu(gate) * up`` in its x loads (no ``[M, K]`` intermediate, one launch fewer).
-    Same bits as ``silu_and_mul`` then ``linear_small_m``. Returns a new ``[M, N]``."""
-    assert can_gemv(gate_up, weight), "silu_mul_linear needs the GEMV's operands"
-    from pdserve.kernels.triton_gemv import gemv
-
-    return gemv(gate_up, weight, bias, glu=True)

@@ -109,19 +109,6 @@ def _row_dot(w, x_ptrs, k_mask, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _load_xt(ptrs, mask, K, dtype: tl.constexpr, GLU: tl.constexpr):
-    """The x^T tile; with ``GLU`` the rows of ``x`` are ``[gate | up]`` (2K wide) and the
-    tile is ``silu(gate) * up``, each rounded to ``dtype`` as ``silu_and_mul`` does, so
-    the product equals ``gemv(silu_and_mul(x), W)`` bit for bit."""
-    if GLU:
-        g = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(ptrs + K, mask=mask, other=0.0).to(tl.float32)
-        s = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
-        return (s * u).to(dtype)
-    return tl.load(ptrs, mask=mask, other=0.0)
-
-
-@triton.jit
 def _store_row(out_ptr, acc, bias, offs_n, row, M, N, stride_om, HAS_BIAS: tl.constexpr):
     if HAS_BIAS:
         acc += bias
@@ -135,7 +122,7 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, tickets_ptr, M, N, K,
                  stride_xm, stride_wn, stride_om,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  USE_DOT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-                 SPLIT_K: tl.constexpr, PDL: tl.constexpr, GLU: tl.constexpr):
+                 SPLIT_K: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     # rows past N read row N - 1 (valid memory, no mask on the W stream); not stored
@@ -168,10 +155,10 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, tickets_ptr, M, N, K,
                 w = tl.load(w_ptrs, mask=((k_start + offs_k) < k_end)[None, :], other=0.0)
             pdl_enter(PDL)
             if EVEN_K:
-                xt = _load_xt(xt_ptrs, m_mask[None, :], K, w.dtype, GLU)
+                xt = tl.load(xt_ptrs, mask=m_mask[None, :], other=0.0)
             else:
-                xt = _load_xt(xt_ptrs, m_mask[None, :] & ((k_start + offs_k) < k_end)[:, None],
-                              K, w.dtype, GLU)
+                xt = tl.load(xt_ptrs, mask=m_mask[None, :] & ((k_start + offs_k) < k_end)[:, None],
+                             other=0.0)
             acc = tl.dot(w, xt, acc)
             w_ptrs += BLOCK_K
             xt_ptrs += BLOCK_K
@@ -179,11 +166,11 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, tickets_ptr, M, N, K,
         for k0 in range(k_loop, k_end, BLOCK_K):
             if EVEN_K:
                 w = tl.load(w_ptrs)
-                xt = _load_xt(xt_ptrs, m_mask[None, :], K, w.dtype, GLU)
+                xt = tl.load(xt_ptrs, mask=m_mask[None, :], other=0.0)
             else:
                 k_mask = (k0 + offs_k) < k_end
                 w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
-                xt = _load_xt(xt_ptrs, m_mask[None, :] & k_mask[:, None], K, w.dtype, GLU)
+                xt = tl.load(xt_ptrs, mask=m_mask[None, :] & k_mask[:, None], other=0.0)
             acc = tl.dot(w, xt, acc)
             w_ptrs += BLOCK_K
             xt_ptrs += BLOCK_K
@@ -212,7 +199,6 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, tickets_ptr, M, N, K,
     else:
         pdl_enter(PDL)
         tl.static_assert(BLOCK_M <= 4)
-        tl.static_assert(not GLU)
         # x rows past M re-read row M - 1 (cached); their results are not stored
         x_tile = (offs_n * 0)[:, None] + offs_k[None, :]  # [BLOCK_N, BLOCK_K], rows alike
         x0 = x_ptr + x_tile
@@ -309,24 +295,15 @@ def _workspace(device: torch.device, m: int, n: int) -> tuple[torch.Tensor, torc
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         out: torch.Tensor | None = None, config: GemvConfig | None = None,
-         glu: bool = False) -> torch.Tensor:
+         out: torch.Tensor | None = None, config: GemvConfig | None = None) -> torch.Tensor:
     """``x @ weight^T (+ bias)``: x ``[M, K]`` (1 <= M <= 8), weight ``[N, K]`` with
     stride 1 along K, bias ``[N]``, all one dtype (bf16 or fp16); fp32 accumulation.
     Writes ``out`` ``[M, N]`` (allocated when None; its last stride must be 1) and
-    returns it. ``glu``: x is ``[M, 2K]`` = ``[gate | up]`` and the product is taken
-    with ``silu(gate) * up`` (``triton_fused.silu_and_mul``, fused into the x loads;
-    tensor-core variants). ``config`` forces a variant (tests, sweeps); otherwise see
-    the module doc. Mutates ``out`` and, on a shape's first eager call, the module's
-    record of autotuning picks; no host sync (graph-capturable)."""
+    returns it. ``config`` forces a variant (tests, sweeps); otherwise see the module
+    doc. Mutates ``out`` and, on a shape's first eager call, the module's record of
+    autotuning picks; no host sync (graph-capturable)."""
     m, k = x.shape
     n = weight.shape[0]
-    if glu:
-        assert k == 2 * weight.shape[1], "glu: x must be [M, 2K] for weight [N, K]"
-        assert config is None or config.use_dot, "glu needs the tensor-core variant"
-        if x.stride(1) != 1:
-            x = x.contiguous()
-        k = weight.shape[1]
     assert 1 <= m <= MAX_ROWS, f"gemv takes 1..{MAX_ROWS} rows, got {m}"
     assert weight.shape[1] == k and weight.stride(1) == 1, "weight must be [N, K], K-contiguous"
     assert x.dtype == weight.dtype and x.dtype in (torch.float16, torch.bfloat16), \
@@ -348,8 +325,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
             if x.is_cuda and torch.cuda.is_current_stream_capturing():
                 config = default_config(n, k)  # never time inside a capture
             else:
-                _gemv_autotuned[_grid(n)](*args, BLOCK_M=block_m, HAS_BIAS=has_bias, PDL=False,
-                                          GLU=glu)
+                _gemv_autotuned[_grid(n)](*args, BLOCK_M=block_m, HAS_BIAS=has_bias, PDL=False)
                 _chosen[key] = _from_triton(_gemv_autotuned.best_config)
                 return out
     assert config.split_k == 1 or config.use_dot, "split-K needs the tensor-core variant"
@@ -358,5 +334,5 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         USE_DOT=config.use_dot, HAS_BIAS=has_bias,
         EVEN_K=_even_k(k, config.block_k, config.split_k), SPLIT_K=config.split_k,
         num_warps=config.num_warps, num_stages=config.num_stages, PDL=use_pdl(x),
-        launch_pdl=use_pdl(x), GLU=glu)
+        launch_pdl=use_pdl(x))
     return out

@@ -107,25 +107,6 @@ def test_gemv_interpreter_batch_invariant(config):
     rows_alone_equal_rows_together(37, 200, torch.float16, "cpu", config)
 
 
-def glu_equals_unfused(n, k, m, dtype, device, config=None):
-    """``glu=True`` on ``[gate | up]`` gives the bits of ``silu_and_mul`` then the GEMV."""
-    from pdserve.kernels.triton_fused import silu_and_mul
-
-    gate_up = torch.randn(m, 2 * k, dtype=dtype, device=device)
-    w = torch.randn(n, k, dtype=dtype, device=device)
-    out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
-    fused = gemv(gate_up, w, out=out, config=config, glu=True)
-    assert fused is out
-    assert torch.equal(fused, gemv(silu_and_mul(gate_up), w, config=config))
-
-
-@interpreter
-@pytest.mark.parametrize("config", [DOT, SPLIT], ids=["dot", "split_k"])
-@pytest.mark.parametrize("m", [1, 3])
-def test_gemv_interpreter_glu(config, m):
-    glu_equals_unfused(37, 200, m, torch.float16, "cpu", config)
-
-
 def test_autotune_list_is_one_variant_for_every_m():
     """Only tensor-core configs are autotuned: one pick serves M = 1..8 (the FMA
     variant takes at most 4 rows and sums in another order)."""
@@ -168,13 +149,6 @@ def test_gemv_gpu_variants(config, m):
 def test_gemv_gpu_batch_invariant(n, k):
     """The autotuned pick: a row's output does not depend on the other rows."""
     rows_alone_equal_rows_together(n, k, torch.bfloat16, "cuda")
-
-
-@gpu
-@pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 3, 8])
-def test_gemv_gpu_glu_down_proj(m):
-    glu_equals_unfused(4096, 14336, m, torch.bfloat16, "cuda")
 
 
 @gpu
