@@ -123,6 +123,7 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, tickets_ptr, M, N, K,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  USE_DOT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
                  SPLIT_K: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     # rows past N read row N - 1 (valid memory, no mask on the W stream); not stored
@@ -145,25 +146,7 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, tickets_ptr, M, N, K,
             w_ptrs += k_start
             xt_ptrs += k_start
         acc = tl.zeros([BLOCK_N, 16], tl.float32)
-        k_loop = k_start
-        if PDL:
-            # Weights and bias are written by no kernel of the step: the first W tile is
-            # loaded while the previous kernel finishes; x only after the wait.
-            if EVEN_K:
-                w = tl.load(w_ptrs)
-            else:
-                w = tl.load(w_ptrs, mask=((k_start + offs_k) < k_end)[None, :], other=0.0)
-            pdl_enter(PDL)
-            if EVEN_K:
-                xt = tl.load(xt_ptrs, mask=m_mask[None, :], other=0.0)
-            else:
-                xt = tl.load(xt_ptrs, mask=m_mask[None, :] & ((k_start + offs_k) < k_end)[:, None],
-                             other=0.0)
-            acc = tl.dot(w, xt, acc)
-            w_ptrs += BLOCK_K
-            xt_ptrs += BLOCK_K
-            k_loop = k_start + BLOCK_K
-        for k0 in range(k_loop, k_end, BLOCK_K):
+        for k0 in range(k_start, k_end, BLOCK_K):
             if EVEN_K:
                 w = tl.load(w_ptrs)
                 xt = tl.load(xt_ptrs, mask=m_mask[None, :], other=0.0)
@@ -197,7 +180,6 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, tickets_ptr, M, N, K,
                 acc += bias[:, None]
             tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
-        pdl_enter(PDL)
         tl.static_assert(BLOCK_M <= 4)
         # x rows past M re-read row M - 1 (cached); their results are not stored
         x_tile = (offs_n * 0)[:, None] + offs_k[None, :]  # [BLOCK_N, BLOCK_K], rows alike
