@@ -80,14 +80,15 @@ def paged_prefill_attention(
     context_lens: torch.Tensor,  # [N] int32, cached prefix + new tokens
     scale: float,
 ) -> torch.Tensor:  # [T, Hq, D]
-    """New tokens attend to their sequence's cached prefix and causally to each other.
+    """New tokens attend to their sequence's cached prefix and causally to each other:
+    per sequence, torch's ``scaled_dot_product_attention`` (``enable_gqa``, in float32)
+    over its blocks gathered with one ``index_select``, with an additive mask that
+    hides from new token ``j`` the positions after its own (``ctx - q_len + j``).
 
     Pure: reads the caches, returns a new tensor.
     """
     t, hq, d = query.shape
-    hkv = k_cache.shape[2]
     bs = k_cache.shape[1]
-    group = hq // hkv
     out = torch.empty_like(query)
     starts = query_start_loc.tolist()
     ctxs = context_lens.tolist()
@@ -97,18 +98,16 @@ def paged_prefill_attention(
         if q_len == 0:
             continue
         nblk = (ctx + bs - 1) // bs
-        blocks = block_tables[i, :nblk].long()
-        k = k_cache[blocks].reshape(nblk * bs, hkv, d)[:ctx]  # [L, Hkv, D]
-        v = v_cache[blocks].reshape(nblk * bs, hkv, d)[:ctx]
-        q = query[q0:q1].view(q_len, hkv, group, d).float()
-        scores = torch.einsum("qhgd,lhd->hgql", q, k.float()) * scale  # [Hkv, G, Q, L]
+        k = _gather_padded(k_cache, block_tables[i:i + 1, :nblk])[0, :ctx]  # [L, Hkv, D]
+        v = _gather_padded(v_cache, block_tables[i:i + 1, :nblk])[0, :ctx]
         q_pos = torch.arange(ctx - q_len, ctx, device=query.device)
         k_pos = torch.arange(ctx, device=query.device)
-        mask = k_pos[None, :] > q_pos[:, None]  # [Q, L] future tokens
-        scores = scores.masked_fill(mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        o = torch.einsum("hgql,lhd->qhgd", probs, v.float())
-        out[q0:q1] = o.reshape(q_len, hq, d).to(query.dtype)
+        mask = torch.zeros(q_len, ctx, device=query.device).masked_fill_(
+            k_pos[None, :] > q_pos[:, None], float("-inf"))  # [Q, L] future tokens
+        o = torch.nn.functional.scaled_dot_product_attention(
+            query[q0:q1].float().transpose(0, 1), k.float().transpose(0, 1),  # [H, Q|L, D]
+            v.float().transpose(0, 1), attn_mask=mask, scale=scale, enable_gqa=True)
+        out[q0:q1] = o.transpose(0, 1).to(query.dtype)  # [Q, Hq, D]
     return out
 
 
