@@ -18,3 +18,17 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     if not torch.isfinite(out64).all():
         return float("inf")
     return ((out64 - ref64).norm() / ref64.norm()).item()
+
+
+# Hand-checked reference tests (test_reference_*.py): a tiny paged cache whose every
+# result is exact in float32.
+TOY_NB, TOY_BS, TOY_HKV, TOY_D = 6, 2, 2, 4  # blocks of 2 tokens, 2 KV heads
+TOY_HQ = 4  # two query heads per KV head
+
+
+def toy_caches():
+    """Zero keys (uniform attention) and values of 1000 everywhere: a slot the test
+    does not write is beyond every context and must not be read."""
+    k = torch.zeros(TOY_NB, TOY_BS, TOY_HKV, TOY_D)
+    v = torch.full((TOY_NB, TOY_BS, TOY_HKV, TOY_D), 1000.0)
+    return k, v

@@ -2,17 +2,12 @@
 is exact in float32 (zero keys give uniform attention; means of few integers)."""
 
 import torch
+from kernel_checks import TOY_D as D
+from kernel_checks import TOY_HKV as HKV
+from kernel_checks import TOY_HQ as HQ
+from kernel_checks import toy_caches as _caches
 
 from pdserve.kernels.reference import paged_decode_attention
-
-NB, BS, HKV, D = 6, 2, 2, 4  # blocks of 2 tokens, 2 KV heads
-HQ = 4  # two query heads per KV head
-
-
-def _caches():
-    k = torch.zeros(NB, BS, HKV, D)
-    v = torch.full((NB, BS, HKV, D), 1000.0)  # beyond a context: must not be read
-    return k, v
 
 
 def test_uniform_attention_over_blocks_of_the_table_only():

@@ -3,17 +3,13 @@ exact in float32 (zero keys give uniform attention over 1, 2 or 4 visible tokens
 a score 100 above the rest picks one key alone)."""
 
 import torch
+from kernel_checks import TOY_BS as BS
+from kernel_checks import TOY_D as D
+from kernel_checks import TOY_HKV as HKV
+from kernel_checks import TOY_HQ as HQ
+from kernel_checks import toy_caches as _caches
 
 from pdserve.kernels.reference import paged_prefill_attention
-
-NB, BS, HKV, D = 6, 2, 2, 4  # blocks of 2 tokens, 2 KV heads
-HQ = 4  # two query heads per KV head
-
-
-def _caches():
-    k = torch.zeros(NB, BS, HKV, D)
-    v = torch.full((NB, BS, HKV, D), 1000.0)  # beyond a context: must not be read
-    return k, v
 
 
 def _put(cache, table, pos, value):
