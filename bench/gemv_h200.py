@@ -118,7 +118,7 @@ def run_shape(name: str, n: int, k: int, m: int, w: torch.Tensor, copy: float) -
 
 def print_row(r: dict) -> None:
     c = r["config"]
-    kind = f"{'dot' if c['use_dot'] else 'fma'} {c['block_n']}x{c['block_k']} " \
+    kind = f"{c['block_n']}x{c['block_k']} " \
            f"w{c['num_warps']} s{c['num_stages']} k{c.get('split_k', 1)}"
     print(f"{r['shape']:8s} M={r['M']}  {r['us']:7.1f} us {r['tbps']:5.2f} TB/s "
           f"({r['vs_cublas']:4.2f}x cuBLAS {r['cublas_us']:7.1f} us, {r['vs_copy']:4.2f}x copy) | "

@@ -13,23 +13,20 @@ and each program walks its ``[BLOCK_N, K]`` slab of W in ``[BLOCK_N, BLOCK_K]`` 
       | ...                       |
       +---------------------------+
 
-Split-K (``split_k`` > 1, tensor-core variant): the grid is (N tiles, splits); each
+The tile times x^T, padded to 16 columns, runs on the tensor cores; ``num_stages``
+pipelines the W tiles through shared memory (cp.async), so several tiles per program
+are in flight. Padding rows of x are masked (never read).
+
+Split-K (``split_k`` > 1): the grid is (N tiles, splits); each
 program streams ``K / split_k`` of its rows and writes an fp32 partial to a workspace;
 the program that draws the last ticket of its N tile (a per-tile counter, left zero
 again) sums the partials in split order (deterministic), adds the bias and stores.
 It exists for the shapes whose N gives about one program per SM (H200, M=1: o_proj
 and down_proj at 16-32 rows per program streamed at 0.45-0.65x the copy rate, lm_head
-with 4000 programs at 1.0x). Two inner products, chosen per shape by autotuning:
-
-- ``use_dot=False`` (M <= 4): CUDA-core FMAs, the tile in registers, one reduction
-  over K per tile and x row. Memory-level parallelism comes from big tiles and several
-  resident programs (Triton does not pipeline these loads).
-- ``use_dot=True``: the tile times x^T padded to 16 columns on the tensor cores;
-  ``num_stages`` pipelines the W tiles through shared memory (cp.async), so several
-  tiles per program are in flight. Padding rows of x are masked (never read).
+with 4000 programs at 1.0x; it made no measurable difference at N=4096).
 
 The first eager call for a (N, K, dtype) runs ``triton.autotune`` over ``CONFIGS``
-(tensor-core variants only; L2 flushed between runs) and remembers its pick for every
+(L2 flushed between runs) and remembers its pick for every
 M; later calls launch that config directly (no autotuner on the hot path). One config
 for every M makes the result batch-invariant: an output row is the same bits whether
 its x row came alone or with 7 others (each output column of a dot sums over K in an
@@ -53,7 +50,6 @@ import triton.testing
 from pdserve.kernels.pdl import pdl_enter, use_pdl
 
 MAX_ROWS = 8  # the largest M this kernel takes
-MAX_FMA_ROWS = 4  # the FMA variant keeps one accumulator per x row, up to this many
 
 
 @dataclass(frozen=True)
@@ -62,33 +58,25 @@ class GemvConfig:
     block_k: int
     num_warps: int
     num_stages: int
-    use_dot: bool
-    split_k: int = 1  # > 1 only with use_dot
+    split_k: int = 1
 
 
-# Modest on purpose: every entry compiles once per M bucket (1, 2, 4, 8) and dtype, and
-# is timed once per weight shape, the first time the engine warms up. Tensor-core
-# variants only (one pick serves every M, see the module doc); the FMA variant
-# (``use_dot=False``, up to ``MAX_FMA_ROWS`` rows) runs only when a config asks for it.
+# Modest on purpose: every entry compiles once per dtype and is timed once per weight
+# shape, the first time the engine warms up.
 CONFIGS = (
-    GemvConfig(16, 256, 4, 4, True),  # tensor cores, W tiles pipelined through smem
-    GemvConfig(16, 512, 4, 3, True),
-    GemvConfig(32, 256, 4, 4, True),
-    GemvConfig(32, 128, 4, 6, True),
-    GemvConfig(64, 128, 4, 4, True),
-    GemvConfig(16, 256, 4, 4, True, 2),  # split-K: more programs for small N
-    GemvConfig(16, 256, 4, 4, True, 4),
-    GemvConfig(32, 128, 4, 6, True, 2),
-    GemvConfig(32, 128, 4, 6, True, 4),
-    GemvConfig(32, 256, 4, 4, True, 4),
-    GemvConfig(16, 128, 4, 6, True, 8),
+    GemvConfig(16, 256, 4, 4),  # tensor cores, W tiles pipelined through smem
+    GemvConfig(16, 512, 4, 3),
+    GemvConfig(32, 256, 4, 4),
+    GemvConfig(32, 128, 4, 6),
+    GemvConfig(64, 128, 4, 4),
+    GemvConfig(16, 256, 4, 4, 2),  # split-K: more programs for small N
+    GemvConfig(16, 256, 4, 4, 4),
+    GemvConfig(32, 128, 4, 6, 2),
+    GemvConfig(32, 128, 4, 6, 4),
+    GemvConfig(32, 256, 4, 4, 4),
+    GemvConfig(16, 128, 4, 6, 8),
 )
 MAX_SPLIT_K = max(c.split_k for c in CONFIGS)
-
-
-def m_bucket(m: int) -> int:
-    """The compiled row count for ``m`` rows: the next power of two (1, 2, 4, 8)."""
-    return triton.next_power_of_2(m)
 
 
 def default_config(n: int, k: int) -> GemvConfig:
@@ -97,31 +85,10 @@ def default_config(n: int, k: int) -> GemvConfig:
 
 
 @triton.jit
-def _row_dot(w, x_ptrs, k_mask, EVEN_K: tl.constexpr):
-    """sum_k w[n, k] * x[k] in fp32: ``w`` fp32 [BLOCK_N, BLOCK_K], ``x_ptrs`` the x row
-    broadcast to the same shape (so it loads in w's layout, no shared-memory shuffle;
-    the repeated loads hit L1) -> [BLOCK_N]."""
-    if EVEN_K:
-        x = tl.load(x_ptrs)
-    else:
-        x = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
-    return tl.sum(w * x.to(tl.float32), axis=1)
-
-
-@triton.jit
-def _store_row(out_ptr, acc, bias, offs_n, row, M, N, stride_om, HAS_BIAS: tl.constexpr):
-    if HAS_BIAS:
-        acc += bias
-    if row < M:
-        tl.store(out_ptr + row * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty),
-                 mask=offs_n < N)
-
-
-@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, tickets_ptr, M, N, K,
                  stride_xm, stride_wn, stride_om,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 USE_DOT: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
                  SPLIT_K: tl.constexpr, PDL: tl.constexpr):
     pdl_enter(PDL)
     pid = tl.program_id(0)
@@ -133,87 +100,55 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, tickets_ptr, M, N, K,
     bias = tl.zeros([BLOCK_N], tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-    if USE_DOT:
-        offs_m = tl.arange(0, 16)  # x^T padded to the 16 columns a dot needs
-        m_mask = offs_m < M
-        xt_ptrs = x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None]  # [BLOCK_K, 16]
-        k_start = 0
-        k_end = K
-        if SPLIT_K > 1:  # this program's share of K, whole tiles
-            k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
-            k_start = tl.program_id(1) * k_per
-            k_end = tl.minimum(K, k_start + k_per)
-            w_ptrs += k_start
-            xt_ptrs += k_start
-        acc = tl.zeros([BLOCK_N, 16], tl.float32)
-        for k0 in range(k_start, k_end, BLOCK_K):
-            if EVEN_K:
-                w = tl.load(w_ptrs)
-                xt = tl.load(xt_ptrs, mask=m_mask[None, :], other=0.0)
-            else:
-                k_mask = (k0 + offs_k) < k_end
-                w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
-                xt = tl.load(xt_ptrs, mask=m_mask[None, :] & k_mask[:, None], other=0.0)
-            acc = tl.dot(w, xt, acc)
-            w_ptrs += BLOCK_K
-            xt_ptrs += BLOCK_K
-        out_mask = m_mask[None, :] & (offs_n[:, None] < N)
-        out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
-        if SPLIT_K > 1:
-            # partial of split s at ws[s, m, n]; the last of the tile's splits sums them
-            tile = offs_m[None, :] * N + offs_n[:, None]  # [BLOCK_N, 16]
-            tl.store(ws_ptr + tl.program_id(1) * M * N + tile, acc, mask=out_mask)
-            tl.debug_barrier()  # every thread's partial precedes the ticket's release
-            counter = tickets_ptr + pid
-            ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-            if ticket == SPLIT_K - 1:
-                acc = tl.zeros([BLOCK_N, 16], tl.float32)
-                for s in tl.static_range(SPLIT_K):
-                    acc += tl.load(ws_ptr + s * M * N + tile, mask=out_mask, other=0.0,
-                                   cache_modifier=".cg")
-                if HAS_BIAS:
-                    acc += bias[:, None]
-                tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # for the next launch
+    offs_m = tl.arange(0, 16)  # x^T padded to the 16 columns a dot needs
+    m_mask = offs_m < M
+    xt_ptrs = x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None]  # [BLOCK_K, 16]
+    k_start = 0
+    k_end = K
+    if SPLIT_K > 1:  # this program's share of K, whole tiles
+        k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+        k_start = tl.program_id(1) * k_per
+        k_end = tl.minimum(K, k_start + k_per)
+        w_ptrs += k_start
+        xt_ptrs += k_start
+    acc = tl.zeros([BLOCK_N, 16], tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        if EVEN_K:
+            w = tl.load(w_ptrs)
+            xt = tl.load(xt_ptrs, mask=m_mask[None, :], other=0.0)
         else:
+            k_mask = (k0 + offs_k) < k_end
+            w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
+            xt = tl.load(xt_ptrs, mask=m_mask[None, :] & k_mask[:, None], other=0.0)
+        acc = tl.dot(w, xt, acc)
+        w_ptrs += BLOCK_K
+        xt_ptrs += BLOCK_K
+    out_mask = m_mask[None, :] & (offs_n[:, None] < N)
+    out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
+    if SPLIT_K > 1:
+        # partial of split s at ws[s, m, n]; the last of the tile's splits sums them
+        tile = offs_m[None, :] * N + offs_n[:, None]  # [BLOCK_N, 16]
+        tl.store(ws_ptr + tl.program_id(1) * M * N + tile, acc, mask=out_mask)
+        tl.debug_barrier()  # every thread's partial precedes the ticket's release
+        counter = tickets_ptr + pid
+        ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if ticket == SPLIT_K - 1:
+            acc = tl.zeros([BLOCK_N, 16], tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                acc += tl.load(ws_ptr + s * M * N + tile, mask=out_mask, other=0.0,
+                               cache_modifier=".cg")
             if HAS_BIAS:
                 acc += bias[:, None]
             tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # for the next launch
     else:
-        tl.static_assert(BLOCK_M <= 4)
-        # x rows past M re-read row M - 1 (cached); their results are not stored
-        x_tile = (offs_n * 0)[:, None] + offs_k[None, :]  # [BLOCK_N, BLOCK_K], rows alike
-        x0 = x_ptr + x_tile
-        x1 = x_ptr + tl.minimum(1, M - 1) * stride_xm + x_tile
-        x2 = x_ptr + tl.minimum(2, M - 1) * stride_xm + x_tile
-        x3 = x_ptr + tl.minimum(3, M - 1) * stride_xm + x_tile
-        acc0 = tl.zeros([BLOCK_N], tl.float32)
-        acc1 = tl.zeros([BLOCK_N], tl.float32)
-        acc2 = tl.zeros([BLOCK_N], tl.float32)
-        acc3 = tl.zeros([BLOCK_N], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k_mask = (k0 + offs_k) < K
-            if EVEN_K:
-                w = tl.load(w_ptrs).to(tl.float32)
-            else:
-                w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0).to(tl.float32)
-            acc0 += _row_dot(w, x0 + k0, k_mask, EVEN_K)
-            if BLOCK_M > 1:
-                acc1 += _row_dot(w, x1 + k0, k_mask, EVEN_K)
-            if BLOCK_M > 2:
-                acc2 += _row_dot(w, x2 + k0, k_mask, EVEN_K)
-                acc3 += _row_dot(w, x3 + k0, k_mask, EVEN_K)
-            w_ptrs += BLOCK_K
-        _store_row(out_ptr, acc0, bias, offs_n, 0, M, N, stride_om, HAS_BIAS)
-        if BLOCK_M > 1:
-            _store_row(out_ptr, acc1, bias, offs_n, 1, M, N, stride_om, HAS_BIAS)
-        if BLOCK_M > 2:
-            _store_row(out_ptr, acc2, bias, offs_n, 2, M, N, stride_om, HAS_BIAS)
-            _store_row(out_ptr, acc3, bias, offs_n, 3, M, N, stride_om, HAS_BIAS)
+        if HAS_BIAS:
+            acc += bias[:, None]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 def _triton_config(c: GemvConfig) -> triton.Config:
-    return triton.Config({"BLOCK_N": c.block_n, "BLOCK_K": c.block_k, "USE_DOT": c.use_dot,
+    return triton.Config({"BLOCK_N": c.block_n, "BLOCK_K": c.block_k,
                           "SPLIT_K": c.split_k},
                          num_warps=c.num_warps, num_stages=c.num_stages)
 
@@ -250,7 +185,7 @@ def chosen_configs() -> dict[tuple, GemvConfig]:
 
 def _from_triton(c: triton.Config) -> GemvConfig:
     return GemvConfig(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages,
-                      bool(c.kwargs["USE_DOT"]), c.kwargs["SPLIT_K"])
+                      c.kwargs["SPLIT_K"])
 
 
 def _grid(n: int):
@@ -299,7 +234,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     partials, tickets = _workspace(x.device, m, n)
     args = (x, weight, bias if has_bias else out, out, partials, tickets, m, n, k, x.stride(0),
             weight.stride(0), out.stride(0))
-    block_m = m_bucket(m)
     if config is None:
         key = (n, k, x.dtype, x.device.index)
         config = _chosen.get(key)
@@ -307,13 +241,11 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
             if x.is_cuda and torch.cuda.is_current_stream_capturing():
                 config = default_config(n, k)  # never time inside a capture
             else:
-                _gemv_autotuned[_grid(n)](*args, BLOCK_M=block_m, HAS_BIAS=has_bias, PDL=False)
+                _gemv_autotuned[_grid(n)](*args, HAS_BIAS=has_bias, PDL=False)
                 _chosen[key] = _from_triton(_gemv_autotuned.best_config)
                 return out
-    assert config.split_k == 1 or config.use_dot, "split-K needs the tensor-core variant"
     _gemv_kernel[(triton.cdiv(n, config.block_n), config.split_k)](
-        *args, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        USE_DOT=config.use_dot, HAS_BIAS=has_bias,
+        *args, BLOCK_N=config.block_n, BLOCK_K=config.block_k, HAS_BIAS=has_bias,
         EVEN_K=_even_k(k, config.block_k, config.split_k), SPLIT_K=config.split_k,
         num_warps=config.num_warps, num_stages=config.num_stages, PDL=use_pdl(x),
         launch_pdl=use_pdl(x))

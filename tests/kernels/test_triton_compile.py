@@ -64,11 +64,11 @@ def prefill(dt, d, group, bs, tuning):
     compile_for_sm90(triton_prefill._prefill_kernel, types, consts, tuning.num_warps,
                      tuning.num_stages)
 
-def gemv(dt, block_m, c, has_bias, even_k):
+def gemv(dt, c, has_bias, even_k, pdl=True):
     types = dict(x_ptr=f"*{dt}", w_ptr=f"*{dt}", bias_ptr=f"*{dt}", out_ptr=f"*{dt}",
                  ws_ptr="*fp32", tickets_ptr="*i32")
-    consts = dict(BLOCK_M=block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, USE_DOT=c.use_dot,
-                  HAS_BIAS=has_bias, EVEN_K=even_k, SPLIT_K=c.split_k, PDL=block_m != 2)
+    consts = dict(BLOCK_N=c.block_n, BLOCK_K=c.block_k, HAS_BIAS=has_bias, EVEN_K=even_k,
+                  SPLIT_K=c.split_k, PDL=pdl)
     compile_for_sm90(triton_gemv._gemv_kernel, types, consts, c.num_warps, c.num_stages)
 
 case = sys.argv[1]
@@ -87,12 +87,9 @@ elif case == "prefill":
     prefill("fp32", 128, 1, 16, P(64, 32, 4, 2))
 elif case == "gemv":
     for c in triton_gemv.CONFIGS:  # every autotuned variant, once
-        gemv("bf16", 8 if c.use_dot else 2, c, True, True)
-    fma = triton_gemv.GemvConfig(16, 256, 4, 1, False)
-    gemv("bf16", 1, fma, False, True)  # FMA (by explicit config only), 1 and 4 rows
-    gemv("bf16", triton_gemv.MAX_FMA_ROWS, fma, False, True)
-    gemv("fp16", 4, fma, True, False)  # K tail masked
-    gemv("fp16", 1, triton_gemv.CONFIGS[-1], False, False)
+        gemv("bf16", c, True, True)
+    gemv("fp16", triton_gemv.CONFIGS[0], True, False, pdl=False)  # K tail masked, no PDL
+    gemv("fp16", triton_gemv.CONFIGS[-1], False, False)
 elif case == "fused":  # the decode step's small kernels, launched with PDL on the GPU
     for pdl in (False, True):
         compile_for_sm90(triton_fused._rms_norm_kernel,
