@@ -12,8 +12,8 @@
    prefill (causal TFLOP/s vs SDPA flash on the same work), store_kv and
    pack/unpack (bytes/s vs the copy bandwidth). ``--sweep`` also times other
    launch shapes and records them; ``--b1-sweep`` only the batch-1 decode, over
-   block_n 32/64/128 or one tile per partition, 2/4/8 warps, 1-3 stages, block
-   ids loaded in the loop or up front, and partitions of 128/256/512 tokens
+   block_n 32/64/128 or one tile per partition, 2/4/8 warps, 1-3 stages, and
+   partitions of 64/128/256 tokens
    (plus the default launch; ``best_graph`` is the fastest CUDA-graph replay).
    The batch-1 row also gets the read floor (``read_floor.py``): the fastest
    kernel that merely reads the same bytes, and an empty launch.
@@ -182,9 +182,7 @@ def run_checks():
         for d, bs in ((128, 16), (64, 32)):
             lens = [1, 17, random.randint(1, 4096), random.randint(1, 4096), 4095]
             for label, tuning in (("default", None), ("split128", DecodeTuning(128, 64)),
-                                  ("upfront256", DecodeTuning(256, 64, ids_upfront=True)),
-                                  ("one_tile128", DecodeTuning(128, 128, 8, 1,
-                                                               ids_upfront=True)),
+                                  ("one_tile128", DecodeTuning(128, 128, 8, 1)),
                                   ("split256_merge_kernel",
                                    DecodeTuning(256, 64, fused_reduce=False)),
                                   ("whole", DecodeTuning(4096, 64))):
@@ -213,10 +211,10 @@ def sdpa_decode_ms(q, kc, vc, scale):
     return min(a, b), {"grouped_rows_ms": a, "enable_gqa_ms": b}
 
 
-DECODE_SWEEP = [(64, 4, 3, False), (64, 4, 2, False), (128, 4, 2, False)]
-# (block_n, num_warps, num_stages, ids_upfront) x fused merge or a merge kernel x partitions
-B1_SWEEP = list(itertools.product((32, 64, 128), (2, 4), (2, 3), (False, True))) + [
-    (None, 2, 1, True), (None, 4, 1, True), (None, 8, 1, True)]  # None: one tile
+DECODE_SWEEP = [(64, 4, 3), (64, 4, 2), (128, 4, 2)]
+# (block_n, num_warps, num_stages) x fused merge or a merge kernel x partitions
+B1_SWEEP = list(itertools.product((32, 64, 128), (2, 4), (2, 3))) + [
+    (None, 2, 1), (None, 4, 1), (None, 8, 1)]  # None: one tile
 B1_PARTS = (64, 128, 256)  # 512 ran 28-31 us at rev a47fcc6
 # --b1-sweep: the latency-bound batch-1 case over more launch shapes (fused merge only,
 # partitions of B1_PARTS tokens; the default launch is timed again among them)
@@ -257,8 +255,8 @@ def bench_decode(name, lens, sweep, copy_bw, grid=None):
             parts = sorted({p for p in (128, 256, 512, 1024, 2048, 4096) if p < max_tokens}
                            | {max_tokens})
         fused_opts = (True,) if grid else (True, False)
-        tunes = [DecodeTuning(part, bn or part, w, s, fused, up)
-                 for (bn, w, s, up), fused, part
+        tunes = [DecodeTuning(part, bn or part, w, s, fused)
+                 for (bn, w, s), fused, part
                  in itertools.product(grid or DECODE_SWEEP, fused_opts, parts)
                  if (part < max_tokens or fused)  # one partition: no merge at all
                  and (bn or part) <= part and (bn or part) <= 256]

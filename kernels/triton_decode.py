@@ -41,21 +41,15 @@ _LOG2E = math.log2(math.e)
 @dataclass(frozen=True)
 class DecodeTuning:
     """Launch shape: tokens per partition and per loop step, warps, pipeline depth,
-    whether the last program of a sequence merges its partials (one launch), and
-    whether a program loads all its partition's block ids before its K/V loop
-    (``ids_upfront``: no block-id round trip inside the loop; used when the
-    partition is a whole number of blocks and at most ``UPFRONT_MAX_BLOCKS`` of them).
-    """
+    and whether the last program of a sequence merges its partials (one launch)."""
 
     partition_size: int
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 3
     fused_reduce: bool = True
-    ids_upfront: bool = False
 
 
-UPFRONT_MAX_BLOCKS = 64  # ids per partition held in registers and selected per tile
 FULL_BATCH_PARTITION = 4096  # tokens per partition when sequences x kv heads fill the GPU
 
 
@@ -171,7 +165,7 @@ def _decode_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
     SPLIT: tl.constexpr, FUSED_REDUCE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    PART_BLOCKS: tl.constexpr, PDL: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
     kv_head = tl.program_id(0)
@@ -196,16 +190,8 @@ def _decode_kernel(
     table = tables_ptr + seq.to(tl.int64) * stride_tn
     toks = start + offs_n  # [BLOCK_N]
     ctx = tl.load(ctx_ptr + seq)
-    if PART_BLOCKS > 0:
-        # every block id of the partition (it is a whole number of blocks) in one load
-        offs_pb = tl.arange(0, PART_BLOCKS)
-        first_blk = start // KV_BLOCK
-        part_ids = tl.load(table + first_blk + offs_pb,
-                           mask=(offs_pb < partition_size // KV_BLOCK)
-                           & ((first_blk + offs_pb) < max_blocks), other=0)
-    else:
-        blk = tl.load(table + toks // KV_BLOCK, mask=(toks // KV_BLOCK) < max_blocks,
-                      other=0).to(tl.int64)
+    blk = tl.load(table + toks // KV_BLOCK, mask=(toks // KV_BLOCK) < max_blocks,
+                  other=0).to(tl.int64)
     q = tl.load(q_ptr + seq * stride_qn + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=gd_mask, other=0.0)
     if start >= ctx:
@@ -220,19 +206,13 @@ def _decode_kernel(
     # costs one memory round trip, not two (block id, then the KV it names).
     for _ in range(start, end, BLOCK_N):
         t_mask = toks < end
-        if PART_BLOCKS > 0:  # this tile's ids picked out of the registers, no load
-            local = (toks - start) // KV_BLOCK  # [BLOCK_N] in [0, PART_BLOCKS)
-            blk = tl.sum(tl.where(local[:, None] == offs_pb[None, :], part_ids[None, :], 0),
-                         1).to(tl.int64)
         kv_off = (blk * stride_kb + (toks % KV_BLOCK) * stride_kt + kv_head * stride_kh)[:, None] \
             + offs_d[None, :]  # [BLOCK_N, BLOCK_D]; V has K's strides
         kv_mask = t_mask[:, None] & d_mask[None, :]
         k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
         v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
         toks_next = toks + BLOCK_N
-        if PART_BLOCKS == 0:
-            blk = tl.load(table + toks_next // KV_BLOCK, mask=toks_next < end,
-                          other=0).to(tl.int64)
+        blk = tl.load(table + toks_next // KV_BLOCK, mask=toks_next < end, other=0).to(tl.int64)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N]
         s = tl.where(t_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -341,10 +321,6 @@ def paged_decode_attention(
     block_d = triton.next_power_of_2(d)
     block_gr = triton.next_power_of_2(group)
     block_p = max(1, min(triton.next_power_of_2(num_parts), 8192 // (block_gr * block_d)))
-    part_blocks = 0
-    if (tuning.ids_upfront and tuning.partition_size % bs == 0
-            and tuning.partition_size // bs <= UPFRONT_MAX_BLOCKS):
-        part_blocks = max(2, triton.next_power_of_2(tuning.partition_size // bs))
     _decode_kernel[(hkv, num_parts, n)](
         query, k_cache, v_cache, block_tables, context_lens, out, tickets, partials,
         scale * _LOG2E, tuning.partition_size, max_blocks,
@@ -354,7 +330,7 @@ def paged_decode_attention(
         KV_BLOCK=bs, BLOCK_N=tuning.block_n, BLOCK_P=block_p, SPLIT=split,
         FUSED_REDUCE=tuning.fused_reduce,
         DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
-        PART_BLOCKS=part_blocks, num_warps=tuning.num_warps, num_stages=tuning.num_stages,
+        num_warps=tuning.num_warps, num_stages=tuning.num_stages,
         PDL=use_pdl(query), launch_pdl=use_pdl(query),
     )
     if split and not tuning.fused_reduce:

@@ -59,16 +59,14 @@ HEADS = [(8, 2, 64, 16), (2, 2, 128, 32), (6, 2, 64, 32)]  # (Hq, Hkv, D, block 
 @interpreter
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("hq,hkv,d,bs", HEADS)
-@pytest.mark.parametrize("mode", ["fused", "merge_kernel", "whole", "upfront"])
+@pytest.mark.parametrize("mode", ["fused", "merge_kernel", "whole"])
 def test_decode_interpreter(paged_cache, dtype, hq, hkv, d, bs, mode):
     lens = ragged_lens(4, bs, 120)
     # partitions of 32 tokens, 16 per step, merged by the last program or by a second
-    # kernel; or one partition for the whole context; or 64-token partitions whose
-    # block ids are loaded before the loop (4 tiles of 16 tokens)
+    # kernel; or one partition for the whole context
     tuning = {"fused": DecodeTuning(32, 16),
               "merge_kernel": DecodeTuning(32, 16, fused_reduce=False),
-              "whole": DecodeTuning(1024, 32),
-              "upfront": DecodeTuning(64, 16, ids_upfront=True)}[mode]
+              "whole": DecodeTuning(1024, 32)}[mode]
     check_decode(paged_cache, lens, hq, hkv, d, bs, dtype, "cpu", tuning)
 
 
