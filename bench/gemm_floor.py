@@ -7,9 +7,10 @@ cold (each read once per step, in the model's order, as a real step does)::
 
     F.linear(x, W)          W [out, in] as loaded (what transformers runs)
     mm(x, Wt)               Wt = W^T made contiguous [in, out]
-    (W @ x^T)^T             engine.linear.linear_wxt (what pdserve runs on the CPU)
+    (W @ x^T)^T             engine.linear.linear_wxt (pdserve's CPU form without oneDNN)
+    oneDNN packed           engine.linear.linear_packed (pdserve's CPU form with oneDNN)
 
-Pure measurement: reads the weights, allocates its own inputs and transposed copies.
+Pure measurement: reads the weights, allocates its own inputs, transposed and packed copies.
 """
 
 import time
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pdserve.engine.linear import linear_wxt
+from pdserve.engine.linear import can_pack, linear_packed, linear_wxt, pack_weight
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,9 @@ def measure(weights: list[torch.Tensor], batch: int, repeats: int = 5) -> GemmFl
         "mm(x, Wt)": lambda i: torch.mm(inputs[weights[i].shape[1]], transposed[i]),
         "(W @ x^T)^T": lambda i: linear_wxt(inputs[weights[i].shape[1]], weights[i]),
     }
+    if all(can_pack(w) for w in weights):
+        packed = [pack_weight(w) for w in weights]
+        forms["oneDNN packed"] = lambda i: linear_packed(inputs[weights[i].shape[1]], packed[i])
     best = {name: float("inf") for name in forms}
     with torch.inference_mode():
         for rnd in range(repeats + 1):  # round 0 warms up, uncounted

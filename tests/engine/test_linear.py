@@ -1,11 +1,12 @@
-"""engine.linear: the CPU forward computes F.linear's values (integer-valued inputs, so
+"""engine.linear: the CPU forwards compute F.linear's values (integer-valued inputs, so
 every sum is exact in float32 and the comparison is exact)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from pdserve.engine.linear import Linear, linear_wxt
+from pdserve.engine import linear
+from pdserve.engine.linear import Linear, linear_packed, linear_wxt, pack_weight
 
 
 @pytest.mark.parametrize("rows", [1, 2, 5, 8])
@@ -38,8 +39,7 @@ def test_module_keeps_nn_linear_parameters():
 
 
 def test_module_uses_f_linear_above_wxt_max_rows(monkeypatch):
-    from pdserve.engine import linear
-
+    monkeypatch.setattr(linear, "can_pack", lambda w: False)  # a torch without oneDNN
     calls = []
     monkeypatch.setattr(linear, "linear_wxt", lambda *a: calls.append(a[0].shape[0]) or a[0])
     lin = Linear(3, 3, bias=False)
@@ -47,3 +47,36 @@ def test_module_uses_f_linear_above_wxt_max_rows(monkeypatch):
         lin(torch.ones(linear.WXT_MAX_ROWS, 3))
         lin(torch.ones(linear.WXT_MAX_ROWS + 1, 3))
     assert calls == [linear.WXT_MAX_ROWS]
+
+
+needs_onednn = pytest.mark.skipif(not linear.can_pack(torch.ones(1, 1)),
+                                  reason="this torch has no oneDNN linear")
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", [(1, 24), (8, 24), (300, 24), (2, 3, 24)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_packed_equals_f_linear(shape, bias):
+    gen = torch.Generator().manual_seed(shape[0])
+    x = torch.randint(-8, 8, shape, generator=gen).float()
+    w = torch.randint(-8, 8, (40, 24), generator=gen).float()
+    b = torch.randint(-8, 8, (40,), generator=gen).float() if bias else None
+    out = linear_packed(x, pack_weight(w), b)
+    assert out.shape == (*shape[:-1], 40)
+    assert torch.equal(out, F.linear(x, w, b))
+
+
+@needs_onednn
+def test_module_repacks_after_the_weight_changes():
+    lin = Linear(2, 3, bias=False)
+    x = torch.tensor([[10.0, 1.0]])
+    with torch.inference_mode():
+        lin.weight.copy_(torch.tensor([[1.0, 2.0], [3.0, -4.0], [0.5, 0.0]]))
+        assert lin(x).tolist() == [[12.0, 26.0, 5.0]]
+        first = lin._packed
+        assert lin(x).tolist() == [[12.0, 26.0, 5.0]] and lin._packed is first  # reused
+        lin.weight.mul_(2)  # in place: the version counter moves
+        assert lin(x).tolist() == [[24.0, 52.0, 10.0]] and lin._packed is not first
+    lin.weight = torch.nn.Parameter(torch.ones(3, 2))  # a new tensor
+    with torch.inference_mode():
+        assert lin(x).tolist() == [[11.0, 11.0, 11.0]]
