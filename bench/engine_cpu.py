@@ -46,7 +46,7 @@ def hf_generate(model, tokenizer, prompts: list[list[int]], new_tokens: int) -> 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
 
