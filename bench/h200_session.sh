@@ -48,11 +48,6 @@ for s in $STAGES; do
       timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_triton_gemv.py \
         2>&1 | tail -5
       timeout 400 python3 bench/gemv_h200.py 2>&1 | grep -v "^\.\.\. " | tail -30 ;;
-    prefetch)
-      stage "$s"
-      timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/test_gpu_engine.py \
-        -k "fused" 2>&1 | tail -5
-      timeout 420 python3 bench/l2_prefetch_h200.py ${PREFETCH_ARGS:-} 2>&1 | tail -30 ;;
     step_profile)
       stage "$s"
       timeout 400 python3 bench/step_profile_h200.py 2>&1 | tail -${PROFILE_TAIL:-40} ;;

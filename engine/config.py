@@ -90,9 +90,6 @@ class EngineConfig:
     # one-step lookahead (engine/async_step.py): launch the next decode step before
     # reading this one's tokens; None: on when CUDA graphs run
     async_scheduling: bool | None = None
-    # L2 prefetch per fused kernel of a decode-sized CUDA step (kernels/l2_prefetch.py):
-    # the first MiB of the next GEMV's weight, read while HBM would idle; 0: off
-    l2_prefetch_mb: float = 0.0
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -100,8 +97,6 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if self.l2_prefetch_mb < 0:
-            raise ValueError(f"l2_prefetch_mb must be >= 0, got {self.l2_prefetch_mb}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
         if self.max_num_seqs < 1:

@@ -8,12 +8,6 @@ work runs as fused Triton kernels (``kernels.triton_fused``): residual add +
 RMSNorm, RoPE + KV store, SiLU * up; the residual stream is passed between
 layers so that its add folds into the next norm. The linear layers are
 ``engine.linear.Linear``: ``nn.Linear`` with a faster GEMM call on the CPU.
-
-For decode-sized batches on CUDA (the GEMV path, at most ``ops.GEMV_MAX_ROWS``
-rows) each fused kernel also prefetches into L2 the first
-``LlamaForCausalLM.l2_prefetch_bytes`` of the weight the next GEMV streams
-(``kernels.l2_prefetch``): RMSNorm the QKV or gate/up weight, RoPE + store the
-output projection, SiLU * up the down projection, the final norm lm_head.
 """
 
 from collections.abc import Callable
@@ -38,15 +32,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
-                prefetch: torch.Tensor | None = None, prefetch_bytes: int = 0):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """RMSNorm(x), or with ``residual``: RMSNorm(x + residual) and the sum (the new
-        residual). On CUDA the sum is written into ``residual`` (mutated), and the first
-        ``prefetch_bytes`` of ``prefetch`` are pulled into L2 meanwhile."""
+        residual). On CUDA the sum is written into ``residual`` (mutated)."""
         if x.is_cuda:
             from pdserve.kernels.triton_fused import rms_norm
 
-            out = rms_norm(x, self.weight, self.eps, residual, prefetch, prefetch_bytes)
+            out = rms_norm(x, self.weight, self.eps, residual)
             return out if residual is None else (out, residual)
         if residual is not None:
             x = x + residual
@@ -76,11 +68,9 @@ class Attention(nn.Module):
         self.scale = cfg.head_dim ** -0.5
 
     def forward(self, x, positions, rope, k_cache, v_cache, meta: AttentionMetadata,
-                rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None,
-                prefetch_bytes: int = 0):
+                rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None):
         """``rope_tables``: the step's ``rope.tables(positions, dtype)``, taken once for
-        every layer (CPU); None: looked up here. ``prefetch_bytes``: of ``o_proj``'s
-        weight, pulled into L2 by the RoPE + store kernel (CUDA)."""
+        every layer (CPU); None: looked up here."""
         t = x.shape[0]
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) D]
@@ -92,7 +82,7 @@ class Attention(nn.Module):
             k = k.view(t, hkv, d)  # [T, Hkv, D]
             v = v.view(t, hkv, d)
             rope_store_kv(q, k, v, positions, rope.cos, rope.sin, k_cache, v_cache,
-                          meta.slot_mapping, self.o_proj.weight, prefetch_bytes)
+                          meta.slot_mapping)
         else:
             qk = qkv[:, :self.q_size + self.kv_size].view(t, hq + hkv, d)  # [T, Hq + Hkv, D]
             rotate_(qk, *(rope_tables or rope.tables(positions, x.dtype)))  # q, k in place
@@ -125,12 +115,11 @@ class MLP(nn.Module):
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x, prefetch_bytes: int = 0):
+    def forward(self, x):
         if x.is_cuda:
             from pdserve.kernels.triton_fused import silu_and_mul
 
-            return self.down_proj(silu_and_mul(self.gate_up_proj(x), self.down_proj.weight,
-                                               prefetch_bytes))
+            return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # views of one new tensor
         return self.down_proj(F.silu(gate, inplace=True).mul_(up))
 
@@ -143,21 +132,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, residual, positions, rope, k_cache, v_cache, meta, rope_tables=None,
-                prefetch_bytes: int = 0):
+    def forward(self, x, residual, positions, rope, k_cache, v_cache, meta, rope_tables=None):
         """Returns (this layer's MLP output, the residual stream before it); their sum
-        is the layer's output. ``residual`` None: ``x`` is the embedding.
-        ``prefetch_bytes``: L2 prefetch per fused kernel (CUDA; see the module doc)."""
-        qkv_w = self.self_attn.qkv_proj.weight
+        is the layer's output. ``residual`` None: ``x`` is the embedding."""
         if residual is None:
-            residual, h = x, self.input_layernorm(x, None, qkv_w, prefetch_bytes)
+            residual, h = x, self.input_layernorm(x)
         else:
-            h, residual = self.input_layernorm(x, residual, qkv_w, prefetch_bytes)
-        h = self.self_attn(h, positions, rope, k_cache, v_cache, meta, rope_tables,
-                           prefetch_bytes)
-        h, residual = self.post_attention_layernorm(h, residual, self.mlp.gate_up_proj.weight,
-                                                    prefetch_bytes)
-        return self.mlp(h, prefetch_bytes), residual
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, positions, rope, k_cache, v_cache, meta, rope_tables)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -170,7 +154,6 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta,
                                     dict(cfg.rope_scaling))
-        self.l2_prefetch_bytes = 0  # per fused kernel, decode-sized CUDA batches
 
     def forward(
         self,
@@ -184,15 +167,13 @@ class LlamaForCausalLM(nn.Module):
         x = self.embed_tokens(input_ids)
         residual = None
         tables = None if x.is_cuda else self.rope.tables(positions, x.dtype)
-        pf = (self.l2_prefetch_bytes
-              if x.is_cuda and x.shape[0] <= kernels.ops.GEMV_MAX_ROWS else 0)
         for i, layer in enumerate(self.layers):
             k_cache, v_cache = kv_caches[i]
             x, residual = layer(x, residual, positions, self.rope, k_cache, v_cache, meta,
-                                tables, pf)
+                                tables)
             if layer_hook is not None:
                 layer_hook(i)
-        return self.norm(x, residual, self.lm_head.weight, pf)[0]
+        return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # [N, V]

@@ -88,7 +88,6 @@ class LLMEngine:
         self.kv_manager = KVCacheManager(self.pool, config.block_size, config.hash_seed)
         self.scheduler = Scheduler(self.kv_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens, self.max_model_len)
-        self.model.l2_prefetch_bytes = int(config.l2_prefetch_mb * 2**20)  # before capture
         self.runner = ModelRunner(self.model, self.kv_cache, self.device, config.seed,
                                   max_num_seqs=config.max_num_seqs,
                                   max_model_len=self.max_model_len,

@@ -13,18 +13,12 @@ does, so the layer's element-wise work is folded into three kernels:
 
 Each has a plain-torch reference here (``*_reference``) that rounds the same
 way; ``tests/engine/test_gpu_fused.py`` checks one against the other.
-
-Each also takes ``prefetch`` (a weight) and ``prefetch_bytes``: extra programs that
-pull the start of that weight into L2 while the kernel runs (``l2_prefetch``; no
-effect on results).
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from pdserve.kernels import l2_prefetch as l2
-from pdserve.kernels.l2_prefetch import l2_prefetch
 from pdserve.kernels.pdl import pdl_enter, use_pdl
 
 
@@ -63,26 +57,9 @@ def rope_store_kv_reference(q, k, v, positions, cos, sin, k_cache, v_cache, slot
 # ---- kernels ---------------------------------------------------------------------------
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, n_cols, eps,
-                     n_rows, pf_ptr, pf_chunk,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
-                     PF: tl.constexpr, LANES: tl.constexpr):
-    pid = tl.program_id(0)
-    if PF:
-        if pid >= n_rows:
-            l2_prefetch(pf_ptr, pf_chunk, pid - n_rows, LANES)
-        else:
-            _rms_norm_row(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o,
-                          n_cols, eps, pid, HAS_RESIDUAL, BLOCK, PDL)
-    else:
-        _rms_norm_row(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o,
-                      n_cols, eps, pid, HAS_RESIDUAL, BLOCK, PDL)
-
-
-@triton.jit
-def _rms_norm_row(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, n_cols, eps,
-                  pid, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     pdl_enter(PDL)
-    row = pid.to(tl.int64)
+    row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
@@ -101,8 +78,6 @@ def rms_norm(x: torch.Tensor,  # [T, H]
              weight: torch.Tensor,  # [H]
              eps: float,
              residual: torch.Tensor | None = None,  # [T, H] (mutated: += x)
-             prefetch: torch.Tensor | None = None,
-             prefetch_bytes: int = 0,
              ) -> torch.Tensor:  # [T, H]
     """RMSNorm of ``x`` (or of ``residual + x``, written back into ``residual``)."""
     t, h = x.shape
@@ -110,38 +85,19 @@ def rms_norm(x: torch.Tensor,  # [T, H]
     if t == 0:
         return out
     block = triton.next_power_of_2(h)
-    warps = min(16, max(1, block // 512))
-    pf = l2.plan(prefetch, prefetch_bytes, 32 * warps)
-    pf_ptr, pf_chunk, pf_programs, has_pf = l2.launch_args(pf, x)
-    _rms_norm_kernel[(t + pf_programs,)](
+    _rms_norm_kernel[(t,)](
         x, residual if residual is not None else x, weight, out,
         x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0), h, eps,
-        t, pf_ptr, pf_chunk,
-        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=warps,
-        PDL=use_pdl(x), PF=has_pf, LANES=32 * warps, launch_pdl=use_pdl(x))
+        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 512)),
+        PDL=use_pdl(x), launch_pdl=use_pdl(x))
     return out
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_o, n_rows, pf_ptr, pf_chunk,
-                     BLOCK: tl.constexpr, PDL: tl.constexpr, PF: tl.constexpr,
-                     LANES: tl.constexpr):
-    pid = tl.program_id(0)
-    if PF:
-        if pid >= n_rows:  # prefetch rows: one part per (row, column block)
-            part = (pid - n_rows) * tl.num_programs(1) + tl.program_id(1)
-            l2_prefetch(pf_ptr, pf_chunk, part, LANES)
-        else:
-            _silu_mul_block(x_ptr, out_ptr, n_cols, stride_x, stride_o, pid, BLOCK, PDL)
-    else:
-        _silu_mul_block(x_ptr, out_ptr, n_cols, stride_x, stride_o, pid, BLOCK, PDL)
-
-
-@triton.jit
-def _silu_mul_block(x_ptr, out_ptr, n_cols, stride_x, stride_o, pid, BLOCK: tl.constexpr,
-                    PDL: tl.constexpr):
+def _silu_mul_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_o, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr):
     pdl_enter(PDL)
-    row = pid.to(tl.int64)
+    row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
     g = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
@@ -150,23 +106,17 @@ def _silu_mul_block(x_ptr, out_ptr, n_cols, stride_x, stride_o, pid, BLOCK: tl.c
     tl.store(out_ptr + row * stride_o + cols, (s * u).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def silu_and_mul(gate_up: torch.Tensor,  # [T, 2I]
-                 prefetch: torch.Tensor | None = None,
-                 prefetch_bytes: int = 0) -> torch.Tensor:  # [T, I]
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:  # [T, 2I] -> [T, I]
     t, two_i = gate_up.shape
     n = two_i // 2
     out = torch.empty((t, n), dtype=gate_up.dtype, device=gate_up.device)
     if t == 0:
         return out
     block = 1024
-    cols = triton.cdiv(n, block)
-    pf_rows = triton.cdiv(l2.PROGRAMS, cols)
-    pf = l2.plan(prefetch, prefetch_bytes, 32 * 4, programs=pf_rows * cols)
-    pf_ptr, pf_chunk, pf_programs, has_pf = l2.launch_args(pf, gate_up)
-    _silu_mul_kernel[(t + pf_programs // cols, cols)](
-        gate_up, out, n, gate_up.stride(0), out.stride(0), t, pf_ptr, pf_chunk,
-        BLOCK=block, num_warps=4, PDL=use_pdl(gate_up), PF=has_pf, LANES=32 * 4,
-        launch_pdl=use_pdl(gate_up))
+    _silu_mul_kernel[(t, triton.cdiv(n, block))](gate_up, out, n, gate_up.stride(0),
+                                                  out.stride(0), BLOCK=block, num_warps=4,
+                                                  PDL=use_pdl(gate_up),
+                                                  launch_pdl=use_pdl(gate_up))
     return out
 
 
@@ -187,37 +137,12 @@ def _rotate(base, stride_h, heads, offs, mask, c, s, HALF: tl.constexpr):
 def _rope_store_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_c,
-    stride_cb, stride_ct, stride_ch, n_rows, pf_ptr, pf_chunk,
-    NUM_Q: tl.constexpr, NUM_KV: tl.constexpr, BLOCK_H: tl.constexpr,
-    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, KV_BLOCK: tl.constexpr, PDL: tl.constexpr,
-    PF: tl.constexpr, LANES: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    if PF:
-        if pid >= n_rows:
-            l2_prefetch(pf_ptr, pf_chunk, pid - n_rows, LANES)
-        else:
-            _rope_store_row(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr,
-                            slot_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
-                            stride_vh, stride_c, stride_cb, stride_ct, stride_ch, pid,
-                            NUM_Q, NUM_KV, BLOCK_H, HALF, BLOCK_HALF, KV_BLOCK, PDL)
-    else:
-        _rope_store_row(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr,
-                        slot_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
-                        stride_vh, stride_c, stride_cb, stride_ct, stride_ch, pid,
-                        NUM_Q, NUM_KV, BLOCK_H, HALF, BLOCK_HALF, KV_BLOCK, PDL)
-
-
-@triton.jit
-def _rope_store_row(
-    q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_c,
-    stride_cb, stride_ct, stride_ch, pid,
+    stride_cb, stride_ct, stride_ch,
     NUM_Q: tl.constexpr, NUM_KV: tl.constexpr, BLOCK_H: tl.constexpr,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, KV_BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_enter(PDL)
-    t = pid.to(tl.int64)
+    t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     offs = tl.arange(0, BLOCK_HALF)
     d_mask = offs < HALF
@@ -261,8 +186,6 @@ def rope_store_kv(
     k_cache: torch.Tensor,  # [NB, B, Hkv, D] (mutated)
     v_cache: torch.Tensor,  # [NB, B, Hkv, D] (mutated)
     slot_mapping: torch.Tensor,  # [T] int64; < 0 skips the store
-    prefetch: torch.Tensor | None = None,
-    prefetch_bytes: int = 0,
 ) -> None:
     """Rotate q in place; write rotated k and v to their slots. No host sync."""
     t, hq, d = q.shape
@@ -272,16 +195,13 @@ def rope_store_kv(
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
     half = d // 2
-    pf = l2.plan(prefetch, prefetch_bytes, 32 * 4)
-    pf_ptr, pf_chunk, pf_programs, has_pf = l2.launch_args(pf, q)
-    _rope_store_kernel[(t + pf_programs,)](
+    _rope_store_kernel[(t,)](
         q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        t, pf_ptr, pf_chunk,
         NUM_Q=hq, NUM_KV=hkv, BLOCK_H=triton.next_power_of_2(max(hq, hkv)),
         HALF=half, BLOCK_HALF=triton.next_power_of_2(half), KV_BLOCK=k_cache.shape[1],
-        num_warps=4, PDL=use_pdl(q), PF=has_pf, LANES=32 * 4, launch_pdl=use_pdl(q))
+        num_warps=4, PDL=use_pdl(q), launch_pdl=use_pdl(q))
 
 
 __all__ = ["rms_norm", "rms_norm_reference", "rope_store_kv", "rope_store_kv_reference",

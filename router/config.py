@@ -18,7 +18,7 @@ TRANSPORTS = ("tcp", "nixl", "nccl", "cuda_ipc")
 ENGINE_KEYS = ("device", "dtype", "block_size", "num_blocks", "kv_cache_memory_gb",
                "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens",
                "max_model_len", "enable_prefix_caching", "hash_seed", "seed", "cuda_graphs",
-               "async_scheduling", "l2_prefetch_mb", "load_format")
+               "async_scheduling", "load_format")
 
 
 class ConfigError(ValueError):

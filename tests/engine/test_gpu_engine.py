@@ -177,36 +177,3 @@ def test_lookahead_on_graphs_equals_the_synchronous_step(model_dir):
             assert x.logprob == pytest.approx(y.logprob, abs=1e-4)
     assert [o.finish_reason for o in got][::3] == ["stop"] * len(got[::3])
     assert ahead.engine.pool.num_free_blocks == 512 and not ahead.engine.has_unfinished()
-
-
-def test_fused_kernels_with_l2_prefetch_give_the_same_bits():
-    """The prefetch programs are a hint: every output is bit-identical with them."""
-    from pdserve.kernels import triton_fused as F
-
-    g = torch.Generator(device="cuda").manual_seed(1)
-    weight = torch.randn(8192, 4096, device="cuda", generator=g).to(torch.bfloat16)  # 64 MiB
-    x = torch.randn(3, 4096, device="cuda", generator=g).to(torch.bfloat16)
-    w = torch.randn(4096, device="cuda", generator=g).to(torch.bfloat16)
-    r = torch.randn(3, 4096, device="cuda", generator=g).to(torch.bfloat16)
-    r1, r2 = r.clone(), r.clone()
-    assert torch.equal(F.rms_norm(x, w, 1e-5, r1, weight, 16 << 20), F.rms_norm(x, w, 1e-5, r2))
-    assert torch.equal(r1, r2)
-    gu = torch.randn(3, 2 * 14336, device="cuda", generator=g).to(torch.bfloat16)
-    assert torch.equal(F.silu_and_mul(gu, weight, 16 << 20), F.silu_and_mul(gu))
-    t, hq, hkv, d = 3, 32, 8, 128
-    qkv = torch.randn(t, (hq + 2 * hkv) * d, device="cuda", generator=g).to(torch.bfloat16)
-    ang = torch.rand(100, d // 2, device="cuda", generator=g) * 6
-    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
-    pos = torch.tensor([5, 50, 99], device="cuda")
-    slots = torch.tensor([7, -1, 30], device="cuda")
-    res = []
-    for pf in (None, weight):
-        y = qkv.clone()
-        kc = torch.zeros(4, 16, hkv, d, device="cuda", dtype=torch.bfloat16)
-        vc = kc.clone()
-        q, k, v = y.split([hq * d, hkv * d, hkv * d], -1)
-        F.rope_store_kv(q.view(t, hq, d), k.view(t, hkv, d), v.view(t, hkv, d), pos, cos, sin,
-                        kc, vc, slots, pf, 32 << 20)
-        res.append((y, kc, vc))
-    for a, b in zip(*res, strict=True):
-        assert torch.equal(a, b)

@@ -89,20 +89,18 @@ elif case == "gemv":
     gemv("fp16", triton_gemv.CONFIGS[0], True, False, pdl=False)  # K tail masked, no PDL
     gemv("fp16", triton_gemv.CONFIGS[-1], False, False)
 elif case == "fused":  # the decode step's small kernels, launched with PDL on the GPU
-    for pdl, pf in ((False, False), (True, False), (True, True)):  # pf: L2 prefetch programs
+    for pdl in (False, True):
         compile_for_sm90(triton_fused._rms_norm_kernel,
                          dict(x_ptr="*bf16", res_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16",
-                              eps="fp32", pf_ptr="*bf16"),
-                         dict(HAS_RESIDUAL=True, BLOCK=4096, PDL=pdl, PF=pf, LANES=256), 8, 1)
-        compile_for_sm90(triton_fused._silu_mul_kernel,
-                         dict(x_ptr="*bf16", out_ptr="*bf16", pf_ptr="*bf16"),
-                         dict(BLOCK=1024, PDL=pdl, PF=pf, LANES=128), 4, 1)
+                              eps="fp32"), dict(HAS_RESIDUAL=True, BLOCK=4096, PDL=pdl), 8, 1)
+        compile_for_sm90(triton_fused._silu_mul_kernel, dict(x_ptr="*bf16", out_ptr="*bf16"),
+                         dict(BLOCK=1024, PDL=pdl), 4, 1)
         compile_for_sm90(triton_fused._rope_store_kernel,
                          dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", pos_ptr="*i64",
                               cos_ptr="*fp32", sin_ptr="*fp32", kc_ptr="*bf16", vc_ptr="*bf16",
-                              slot_ptr="*i64", pf_ptr="*bf16"),
+                              slot_ptr="*i64"),
                          dict(NUM_Q=32, NUM_KV=8, BLOCK_H=32, HALF=64, BLOCK_HALF=64,
-                              KV_BLOCK=16, PDL=pdl, PF=pf, LANES=128), 4, 1)
+                              KV_BLOCK=16, PDL=pdl), 4, 1)
 else:
     compile_for_sm90(triton_store._store_kv_kernel,
                      dict(key_ptr="*fp32", value_ptr="*fp32", k_cache_ptr="*bf16",
