@@ -22,8 +22,9 @@ class AttentionMetadata:
     prefill_block_tables: torch.Tensor  # [Np, M] int32
     prefill_query_start_loc: torch.Tensor  # [Np + 1] int32, relative to first prefill token
     prefill_context_lens: torch.Tensor  # [Np] int32
-    # split-K scratch for the decode kernel (a ``DecodeWorkspace`` sized for this batch
-    # shape), shared by every layer of the step; None: each launch allocates its own
+    # shared by every layer of the step: on CUDA the decode kernel's split-K scratch (a
+    # ``DecodeWorkspace`` sized for this batch shape), on the CPU the reference's gather
+    # plan (``reference.DecodeGather``); None: each call makes its own
     decode_workspace: Any = None
 
     @property

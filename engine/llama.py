@@ -102,7 +102,7 @@ class Attention(nn.Module):
             out = torch.empty_like(q)
             out[:nd] = kernels.paged_decode_attention(
                 q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens,
-                self.scale)
+                self.scale, meta.decode_workspace)
             out[nd:] = kernels.paged_prefill_attention(
                 q[nd:], k_cache, v_cache, meta.prefill_block_tables,
                 meta.prefill_query_start_loc, meta.prefill_context_lens, self.scale)

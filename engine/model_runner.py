@@ -17,7 +17,7 @@ position past ``num_computed_tokens``, its input id read on the device from
 the previous, not yet processed, step's sampled ids.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from pdserve.engine.llama import LayerHook, LlamaForCausalLM
 from pdserve.engine.request import Request
 from pdserve.engine.sampler import PendingSample, Sampler, SampleResult, to_device
 from pdserve.engine.scheduler import ScheduledRequest, SchedulerOutput
+from pdserve.kernels.reference import decode_gather
 
 
 @dataclass(frozen=True)
@@ -186,6 +187,9 @@ class ModelRunner:
             decode_block_tables=put(d_tables), decode_context_lens=put(d_ctx),
             prefill_block_tables=put(p_tables), prefill_query_start_loc=put(q_start),
             prefill_context_lens=put(p_ctx))
+        if dev.type != "cuda" and nd:  # one gather plan for every layer's reference decode
+            meta = replace(meta, decode_workspace=decode_gather(
+                meta.decode_block_tables, meta.decode_context_lens, bs))
         return ModelInputs(
             input_ids=put(ids), positions=put(pos), meta=meta,
             logits_indices=to_device(logits_rows, torch.int64, dev),

@@ -29,16 +29,18 @@ def store_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
 
 def paged_decode_attention(query, k_cache, v_cache, block_tables, context_lens, scale,
                            workspace=None):
-    """See ``reference.paged_decode_attention``. ``workspace``: the Triton kernel's
-    split-K scratch (``triton_decode.DecodeWorkspace``), reused across calls when given
-    (the reference needs none)."""
+    """See ``reference.paged_decode_attention``. ``workspace``, reused across calls
+    (the layers of a step) when given: on CUDA the Triton kernel's split-K scratch
+    (``triton_decode.DecodeWorkspace``), elsewhere the reference's gather plan
+    (``reference.DecodeGather``)."""
     if _use_triton(query):
         from pdserve.kernels.triton_decode import paged_decode_attention as impl
 
         return impl(query, k_cache, v_cache, block_tables, context_lens, scale,
                     workspace=workspace)
+    gather = workspace if isinstance(workspace, reference.DecodeGather) else None
     return reference.paged_decode_attention(query, k_cache, v_cache, block_tables,
-                                            context_lens, scale)
+                                            context_lens, scale, gather)
 
 
 def paged_prefill_attention(query, k_cache, v_cache, block_tables, query_start_loc,

@@ -15,6 +15,8 @@ Sequence i's new tokens are its last ``q_len_i`` positions:
                cached prefix (attend all)   new tokens (causal among them)
 """
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -38,6 +40,32 @@ def _gather_padded(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Ten
     return cache.index_select(0, block_tables.long().reshape(-1)).view(n, m * bs, h, d)
 
 
+@dataclass(frozen=True)
+class DecodeGather:
+    """What every layer of a decode step gathers: the same blocks and the same mask
+    (the block tables and context lengths do not change between layers), built once
+    per step by ``decode_gather``."""
+
+    block_ids: torch.Tensor  # [N * nb] int64: each sequence's first nb blocks, row by row
+    num_tokens: int  # L = the longest context (gathered rows are cut to it)
+    mask: torch.Tensor  # [N, 1, 1, L] float32: 0 at a sequence's tokens, -inf past them
+
+
+def decode_gather(block_tables: torch.Tensor,  # [N, max_blocks] int32
+                  context_lens: torch.Tensor,  # [N] int32, >= 1
+                  block_size: int) -> DecodeGather:
+    """The gather plan for ``paged_decode_attention``. Pure."""
+    n = context_lens.shape[0]
+    max_ctx = int(context_lens.max().item())
+    nb = (max_ctx + block_size - 1) // block_size
+    pos = torch.arange(max_ctx, device=context_lens.device)
+    beyond = pos[None, :] >= context_lens[:, None]  # [N, L]
+    # an additive float mask: SDPA would turn a boolean one into this on every call
+    mask = torch.zeros(n, 1, 1, max_ctx, device=context_lens.device).masked_fill_(
+        beyond[:, None, None, :], float("-inf"))
+    return DecodeGather(block_tables[:, :nb].long().reshape(-1), max_ctx, mask)
+
+
 def paged_decode_attention(
     query: torch.Tensor,  # [N, Hq, D]
     k_cache: torch.Tensor,  # [NB, B, Hkv, D]
@@ -45,29 +73,29 @@ def paged_decode_attention(
     block_tables: torch.Tensor,  # [N, max_blocks] int32
     context_lens: torch.Tensor,  # [N] int32, >= 1
     scale: float,
+    gather: DecodeGather | None = None,
 ) -> torch.Tensor:  # [N, Hq, D]
     """One query token per sequence attends to all ``context_lens[i]`` cached tokens:
     ``softmax(q . k * scale) . v`` over those tokens, query head ``h`` reading KV head
     ``h // (Hq / Hkv)`` (GQA), in float32. That is torch's
     ``scaled_dot_product_attention`` with ``enable_gqa`` and a mask of each
     sequence's valid positions, over its blocks gathered and padded to the longest.
+    ``gather``: ``decode_gather(block_tables, context_lens, B)``, made once for a
+    step's layers; None: made here.
 
     Pure: reads the caches, returns a new tensor.
     """
     n, hq, d = query.shape
-    max_ctx = int(context_lens.max().item())
-    num_blocks_needed = (max_ctx + k_cache.shape[1] - 1) // k_cache.shape[1]
-    tables = block_tables[:, :num_blocks_needed]
-    k = _gather_padded(k_cache, tables)[:, :max_ctx].transpose(1, 2)  # [N, Hkv, L, D]
-    v = _gather_padded(v_cache, tables)[:, :max_ctx].transpose(1, 2)
-    pos = torch.arange(max_ctx, device=query.device)
-    beyond = pos[None, :] >= context_lens[:, None].to(query.device)  # [N, L]
-    # an additive float mask: SDPA would turn a boolean one into this on every call
-    mask = torch.zeros(n, 1, 1, max_ctx, device=query.device).masked_fill_(
-        beyond[:, None, None, :], float("-inf"))
+    nbk, bs, hkv, _ = k_cache.shape
+    if gather is None:
+        gather = decode_gather(block_tables, context_lens.to(query.device), bs)
+    length = gather.num_tokens
+    rows = gather.block_ids.shape[0] // n * bs
+    k = k_cache.index_select(0, gather.block_ids).view(n, rows, hkv, d)[:, :length]
+    v = v_cache.index_select(0, gather.block_ids).view(n, rows, hkv, d)[:, :length]
     out = torch.nn.functional.scaled_dot_product_attention(
-        query.float().unsqueeze(2), k.float(), v.float(),  # q [N, Hq, 1, D]
-        attn_mask=mask, scale=scale, enable_gqa=True)  # [N, Hq, 1, D]
+        query.float().unsqueeze(2), k.float().transpose(1, 2), v.float().transpose(1, 2),
+        attn_mask=gather.mask, scale=scale, enable_gqa=True)  # q [N, Hq, 1, D] -> [N, Hq, 1, D]
     return out.reshape(n, hq, d).to(query.dtype)
 
 

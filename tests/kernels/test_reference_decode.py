@@ -2,12 +2,13 @@
 is exact in float32 (zero keys give uniform attention; means of few integers)."""
 
 import torch
+from kernel_checks import TOY_BS as BS
 from kernel_checks import TOY_D as D
 from kernel_checks import TOY_HKV as HKV
 from kernel_checks import TOY_HQ as HQ
 from kernel_checks import toy_caches as _caches
 
-from pdserve.kernels.reference import paged_decode_attention
+from pdserve.kernels.reference import decode_gather, paged_decode_attention
 
 
 def test_uniform_attention_over_blocks_of_the_table_only():
@@ -39,3 +40,26 @@ def test_scores_pick_the_matching_key():
     out = paged_decode_attention(q, k, v, tables, torch.tensor([2], dtype=torch.int32), 1.0)
     # exp(-100) vanishes beside 1 in float32: each head reads its key's value alone
     assert out[0, :, 0].tolist() == [1.0, 2.0, 1.0, 2.0]
+
+
+def test_gather_plan_cuts_to_the_longest_context():
+    tables = torch.tensor([[4, 1, 0], [2, 5, 3]], dtype=torch.int32)
+    plan = decode_gather(tables, torch.tensor([3, 1], dtype=torch.int32), BS)
+    assert plan.num_tokens == 3 and plan.block_ids.tolist() == [4, 1, 2, 5]  # 2 blocks each
+    inf = float("-inf")
+    assert plan.mask.shape == (2, 1, 1, 3)
+    assert plan.mask[:, 0, 0].tolist() == [[0.0, 0.0, 0.0], [0.0, inf, inf]]
+
+
+def test_a_shared_gather_plan_gives_the_same_bits():
+    k, v = _caches()
+    gen = torch.Generator().manual_seed(3)
+    k.normal_(generator=gen)
+    v.normal_(generator=gen)
+    tables = torch.tensor([[4, 1, 0], [2, 5, 3]], dtype=torch.int32)
+    ctx = torch.tensor([3, 5], dtype=torch.int32)
+    plan = decode_gather(tables, ctx, BS)
+    for _ in range(2):  # one plan, two layers' calls
+        q = torch.randn(2, HQ, D, generator=gen)
+        assert torch.equal(paged_decode_attention(q, k, v, tables, ctx, 0.5, plan),
+                           paged_decode_attention(q, k, v, tables, ctx, 0.5))
