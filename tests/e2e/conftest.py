@@ -36,12 +36,13 @@ class Served:
 
         return json.loads(out.stdout)
 
-    def wait_quiet(self, timeout_s: float = 30.0) -> dict:
-        """Wait until every worker reports every block free and nothing running."""
+    def wait_quiet(self, timeout_s: float = 30.0, names: set[str] | None = None) -> dict:
+        """Wait until every worker (or every one in ``names``: a killed worker's last
+        report stays stale forever) reports every block free and nothing running."""
         deadline = time.monotonic() + timeout_s
         while True:
             st = self.status()
-            ws = st["workers"]
+            ws = [w for w in st["workers"] if names is None or w["name"] in names]
             if all(w["free_blocks"] == w["total_blocks"] and w["running"] == 0
                    and w["waiting"] == 0 and w["pending_transfers"] == 0 for w in ws):
                 return st

@@ -88,7 +88,7 @@ def wait_until(predicate, timeout_s: float, what: str, poll_s: float = 0.2) -> f
 def check_invariants(cluster, alive: set[str]) -> None:
     """Once quiet: every live worker healthy, still running, every block free (counted),
     nothing running, waiting or pending."""
-    cluster.wait_quiet(timeout_s=40)
+    cluster.wait_quiet(timeout_s=40, names=alive)
     deadline = time.monotonic() + 30  # a worker back from a stall waits out its back-off
     while True:
         by = workers(cluster)
