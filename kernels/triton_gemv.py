@@ -25,7 +25,12 @@ It exists for the shapes whose N gives about one program per SM (H200, M=1: o_pr
 and down_proj at 16-32 rows per program streamed at 0.45-0.65x the copy rate, lm_head
 with 4000 programs at 1.0x; it made no measurable difference at N=4096).
 
-The first eager call for a (N, K, dtype) runs ``triton.autotune`` over ``CONFIGS``
+Shapes in ``SM90_PICKS`` (Llama-3-8B's, and so Llama-3.x/Mistral-7B's) use a fixed
+config on sm_90, measured inside the batch-1 decode graph on the H200
+(``bench/gemv_insitu_h200.py``): there the GEMVs run back to back under PDL, and
+isolated autotuning both favoured 16-row tiles that lose in the chain and picked
+differently from run to run (the gate/up pick alone moved the graph by 0.14 ms).
+For any other shape, the first eager call runs ``triton.autotune`` over ``CONFIGS``
 (L2 flushed between runs) and remembers its pick for every
 M; later calls launch that config directly (no autotuner on the hot path). One config
 for every M makes the result batch-invariant: an output row is the same bits whether
@@ -36,8 +41,8 @@ while a CUDA graph is being captured never autotunes: it uses the remembered pic
 ``default_config`` if the shape was never run eagerly. The launch has no host sync,
 so it captures as is.
 
-Public names: ``gemv``, ``GemvConfig``, ``CONFIGS``, ``default_config``,
-``chosen_configs``, ``MAX_ROWS``.
+Public names: ``gemv``, ``GemvConfig``, ``CONFIGS``, ``SM90_PICKS``, ``preset_config``,
+``default_config``, ``chosen_configs``, ``MAX_ROWS``.
 """
 
 from dataclasses import dataclass
@@ -77,6 +82,25 @@ CONFIGS = (
     GemvConfig(16, 128, 4, 6, 8),
 )
 MAX_SPLIT_K = max(c.split_k for c in CONFIGS)
+
+# (N, K) -> the config that made the H200's batch-1 decode graph fastest, trying every
+# entry of CONFIGS per shape in the graph (gemv_insitu_h200.json: 4.271 ms against
+# 4.344 with that run's autotuned picks)
+SM90_PICKS = {
+    (6144, 4096): GemvConfig(32, 128, 4, 6),  # QKV (32 query, 8 KV heads of 128)
+    (4096, 4096): GemvConfig(32, 128, 4, 6),  # o_proj
+    (28672, 4096): GemvConfig(64, 128, 4, 4),  # gate/up of FFN 14336
+    (4096, 14336): GemvConfig(32, 128, 4, 6, 2),  # down_proj
+    (128256, 4096): GemvConfig(64, 128, 4, 4),  # lm_head
+}
+
+
+def preset_config(n: int, k: int, dtype: torch.dtype,
+                  capability: tuple[int, int]) -> GemvConfig | None:
+    """The fixed pick for this shape on this GPU generation, or None (autotune). Pure."""
+    if capability[0] != 9 or dtype not in (torch.bfloat16, torch.float16):
+        return None
+    return SM90_PICKS.get((n, k))
 
 
 def default_config(n: int, k: int) -> GemvConfig:
@@ -237,6 +261,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if config is None:
         key = (n, k, x.dtype, x.device.index)
         config = _chosen.get(key)
+        if config is None and x.is_cuda:
+            config = preset_config(n, k, x.dtype, torch.cuda.get_device_capability(x.device))
+            if config is not None:
+                _chosen[key] = config
         if config is None:
             if x.is_cuda and torch.cuda.is_current_stream_capturing():
                 config = default_config(n, k)  # never time inside a capture

@@ -15,9 +15,11 @@ triton = pytest.importorskip("triton")
 from kernel_checks import gpu, interpreter  # noqa: E402
 
 from pdserve.kernels.triton_gemv import (  # noqa: E402
+    SM90_PICKS,
     GemvConfig,
     chosen_configs,
     gemv,
+    preset_config,
 )
 
 DOT = GemvConfig(16, 64, 4, 2)
@@ -107,6 +109,26 @@ LLAMA3_8B = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 
 def test_gemv_gpu_autotuned(n, k, m, dtype):
     check(m, n, k, dtype, bias=(m == 3), device="cuda")
     assert (n, k, dtype, torch.cuda.current_device()) in chosen_configs()
+
+
+def test_preset_only_for_sm90_half_precision():
+    assert preset_config(6144, 4096, torch.bfloat16, (9, 0)) == GemvConfig(32, 128, 4, 6)
+    assert preset_config(4096, 14336, torch.float16, (9, 0)) == GemvConfig(32, 128, 4, 6, 2)
+    assert preset_config(6144, 4096, torch.bfloat16, (8, 0)) is None  # A100: autotune
+    assert preset_config(6144, 4096, torch.float32, (9, 0)) is None
+    assert preset_config(1000, 4000, torch.bfloat16, (9, 0)) is None  # not a preset shape
+    assert all(k >= c.split_k * c.block_k for (_, k), c in SM90_PICKS.items())
+
+
+@gpu
+@pytest.mark.gpu
+def test_gemv_gpu_uses_the_preset_on_sm90():
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("presets are for sm_90")
+    n, k = 4096, 14336
+    check(2, n, k, torch.bfloat16, False, "cuda")
+    assert chosen_configs()[(n, k, torch.bfloat16, torch.cuda.current_device())] == \
+        SM90_PICKS[(n, k)]
 
 
 @gpu
