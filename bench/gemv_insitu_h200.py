@@ -6,7 +6,8 @@ The Triton GEMV autotunes each weight shape alone (``do_bench``, L2 flushed). In
 batch-1 decode step the GEMVs run back to back under PDL, so the best config in
 isolation need not be the best in the chain. This script (Llama-3-8B shape, random
 bf16 weights) starts from the autotuned picks and, one weight shape at a time,
-tries every config in ``triton_gemv.CONFIGS`` in the captured batch-1 decode graph
+tries every config in ``triton_gemv.CONFIGS`` (and ``--extra`` ones) in the captured
+batch-1 decode graph
 (recaptured per trial, timed on a real step's inputs: CUDA events over 50
 back-to-back replays, median of 5 rounds), keeping a change only when the graph
 gets faster. It reports the graph time of the autotuned picks and of the in-graph
@@ -14,6 +15,7 @@ picks (both re-measured at the end, alternating, 3 times), against the weight-re
 floor measured in the same run. Writes ``gemv_insitu_h200.json`` to $OUT.
 """
 
+import argparse
 import random
 import statistics
 import time
@@ -63,8 +65,19 @@ def graph_ms(eng, picks: dict) -> float:
     return replay_ms(eng.runner.graphs)
 
 
+def parse_config(text: str) -> triton_gemv.GemvConfig:
+    """``block_n,block_k,num_warps,num_stages[,split_k]``"""
+    return triton_gemv.GemvConfig(*(int(v) for v in text.split(",")))
+
+
 def main() -> None:
     from pdserve import LLM
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--extra", type=parse_config, nargs="*", default=[],
+                    help="configs to try beside CONFIGS, e.g. 64,128,4,6")
+    args = ap.parse_args()
+    candidates = tuple(triton_gemv.CONFIGS) + tuple(args.extra)
 
     bw = copy_bandwidth()
     llm = LLM(str(make_model_dir()), extra={"load_format": "dummy"}, max_model_len=2048,
@@ -82,7 +95,7 @@ def main() -> None:
     trials = []
     for key in sorted(auto, key=lambda k: -k[0] * k[1]):
         n, k = key[0], key[1]
-        for cfg in triton_gemv.CONFIGS:
+        for cfg in candidates:
             if cfg == best[key] or k < cfg.split_k * cfg.block_k:
                 continue
             ms = graph_ms(eng, {**best, key: cfg})
@@ -98,7 +111,7 @@ def main() -> None:
     a, b = statistics.median(final["autotuned"]), statistics.median(final["in_graph"])
     log(f"batch-1 graph: autotuned {a:.3f} ms ({a / floor_ms:.3f}x floor), in-graph picks "
         f"{b:.3f} ms ({b / floor_ms:.3f}x floor)")
-    path = write_result("gemv_insitu_h200", {
+    path = write_result("gemv_insitu_h200", {"extra_candidates": [vars(c) for c in args.extra],
         "gpu": torch.cuda.get_device_name(0), "copy_bandwidth_TB_s": bw / 1e12,
         "floor_ms": floor_ms,
         "autotuned_picks": {f"{k[0]}x{k[1]}": vars(c) for k, c in auto.items()},
