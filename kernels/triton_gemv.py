@@ -83,14 +83,16 @@ CONFIGS = (
 )
 MAX_SPLIT_K = max(c.split_k for c in CONFIGS)
 
-# (N, K) -> the config that made the H200's batch-1 decode graph fastest, trying every
-# entry of CONFIGS per shape in the graph (gemv_insitu_h200.json: 4.271 ms against
-# 4.344 with that run's autotuned picks)
+# (N, K) -> the config that made the H200's batch-1 decode graph fastest, trying per
+# shape every entry of CONFIGS and ten more (64- and 32-row tiles with deeper pipelines)
+# in the graph: gemv_insitu_h200_5b611b5.json, 4.061 ms against 4.141 with the picks
+# of the round before (gemv_insitu_h200.json, CONFIGS only: 4.271 against 4.344
+# autotuned, on another H200)
 SM90_PICKS = {
-    (6144, 4096): GemvConfig(32, 128, 4, 6),  # QKV (32 query, 8 KV heads of 128)
-    (4096, 4096): GemvConfig(32, 128, 4, 6),  # o_proj
+    (6144, 4096): GemvConfig(64, 128, 4, 6),  # QKV (32 query, 8 KV heads of 128)
+    (4096, 4096): GemvConfig(32, 128, 4, 8),  # o_proj
     (28672, 4096): GemvConfig(64, 128, 4, 4),  # gate/up of FFN 14336
-    (4096, 14336): GemvConfig(32, 128, 4, 6, 2),  # down_proj
+    (4096, 14336): GemvConfig(64, 128, 4, 6, 2),  # down_proj
     (128256, 4096): GemvConfig(64, 128, 4, 4),  # lm_head
 }
 

@@ -84,8 +84,8 @@ elif case == "prefill":
     prefill("bf16", 64, 3, 32, P(64, 64, 4, 3))  # small batches
     prefill("fp32", 128, 1, 16, P(64, 32, 4, 2))
 elif case == "gemv":
-    for c in triton_gemv.CONFIGS:  # every autotuned variant, once
-        gemv("bf16", c, True, True)
+    for c in dict.fromkeys(triton_gemv.CONFIGS + tuple(triton_gemv.SM90_PICKS.values())):
+        gemv("bf16", c, True, True)  # every autotuned variant and sm_90 pick, once
     gemv("fp16", triton_gemv.CONFIGS[0], True, False, pdl=False)  # K tail masked, no PDL
     gemv("fp16", triton_gemv.CONFIGS[-1], False, False)
 elif case == "fused":  # the decode step's small kernels, launched with PDL on the GPU

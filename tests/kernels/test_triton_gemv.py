@@ -112,8 +112,8 @@ def test_gemv_gpu_autotuned(n, k, m, dtype):
 
 
 def test_preset_only_for_sm90_half_precision():
-    assert preset_config(6144, 4096, torch.bfloat16, (9, 0)) == GemvConfig(32, 128, 4, 6)
-    assert preset_config(4096, 14336, torch.float16, (9, 0)) == GemvConfig(32, 128, 4, 6, 2)
+    assert preset_config(6144, 4096, torch.bfloat16, (9, 0)) == GemvConfig(64, 128, 4, 6)
+    assert preset_config(4096, 14336, torch.float16, (9, 0)) == GemvConfig(64, 128, 4, 6, 2)
     assert preset_config(6144, 4096, torch.bfloat16, (8, 0)) is None  # A100: autotune
     assert preset_config(6144, 4096, torch.float32, (9, 0)) is None
     assert preset_config(1000, 4000, torch.bfloat16, (9, 0)) is None  # not a preset shape
