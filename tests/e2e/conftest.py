@@ -36,18 +36,24 @@ class Served:
 
         return json.loads(out.stdout)
 
+    def poll_status(self) -> dict:
+        """The router's /status as ``status`` prints it, without starting a process: for
+        polling loops (a ``pdserve status`` process costs ~0.5 s of a core the workers
+        under test need)."""
+        return httpx.get(self.url + "/status", timeout=10).json()
+
     def wait_quiet(self, timeout_s: float = 30.0, names: set[str] | None = None) -> dict:
         """Wait until every worker (or every one in ``names``: a killed worker's last
-        report stays stale forever) reports every block free and nothing running."""
+        report stays stale forever) reports every block free and nothing running; returns
+        ``pdserve status`` then."""
         deadline = time.monotonic() + timeout_s
         while True:
-            st = self.status()
-            ws = [w for w in st["workers"] if names is None or w["name"] in names]
+            ws = [w for w in self.poll_status()["workers"] if names is None or w["name"] in names]
             if all(w["free_blocks"] == w["total_blocks"] and w["running"] == 0
                    and w["waiting"] == 0 and w["pending_transfers"] == 0 for w in ws):
-                return st
+                return self.status()
             if time.monotonic() > deadline:
-                return st
+                return self.status()
             time.sleep(0.3)
 
 

@@ -72,7 +72,8 @@ stop_cluster = stop_serve
 
 
 def workers(cluster) -> dict:
-    return {w["name"]: w for w in cluster.status()["workers"]}
+    """The /status rows by worker name (polled: ``cluster.status()`` runs the CLI)."""
+    return {w["name"]: w for w in cluster.poll_status()["workers"]}
 
 
 def wait_until(predicate, timeout_s: float, what: str, poll_s: float = 0.2) -> float:

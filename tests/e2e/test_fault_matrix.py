@@ -26,6 +26,7 @@ from tests.e2e.faults import (
     send_stall,
     start_cluster,
     stop_cluster,
+    wait_until,
     workers,
 )
 
@@ -129,8 +130,13 @@ def test_row3_decode_killed_mid_stream_ends_with_error_event(cluster, expected):
                 continue
             events.append(line)
             if len(events) == 3 and killed is None:
-                busy = [w for w in workers(cluster).values()
-                        if w["role"] == "decode" and w["running"] > 0]
+                def busy_decodes() -> list[dict]:
+                    return [w for w in workers(cluster).values()
+                            if w["role"] == "decode" and w["running"] > 0]
+
+                # the router learns ``running`` from the next load report (every 0.5 s)
+                wait_until(busy_decodes, 5, "no decode worker reported the stream running")
+                busy = busy_decodes()
                 assert len(busy) == 1
                 killed = busy[0]["name"]
                 t_kill = time.monotonic()
