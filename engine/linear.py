@@ -99,25 +99,34 @@ def linear_packed(x: torch.Tensor, packed: PackedWeight,
 
 class Linear(nn.Linear):
     """``nn.Linear``; on CUDA, ``ops.linear_small_m`` where ``ops.can_gemv`` (bf16/fp16,
-    1..8 rows); on the CPU, ``linear_packed`` where ``can_pack`` (float32 with oneDNN),
-    else for 2-D input of at most ``WXT_MAX_ROWS`` rows ``linear_wxt``."""
+    1..8 rows); on the CPU, ``linear_packed`` where ``can_pack`` (float32 with oneDNN,
+    no gradient wanted), else for 2-D input of at most ``WXT_MAX_ROWS`` rows
+    ``linear_wxt``."""
 
     _packed: PackedWeight | None = None
+    _pack_failed = False  # this torch refused to pack: keep the unpacked forms
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and ops.can_gemv(x, self.weight):
             return ops.linear_small_m(x, self.weight, self.bias)
         if x.is_cuda:
             return F.linear(x, self.weight, self.bias)
-        if x.dtype == torch.float32 and can_pack(self.weight):
-            return linear_packed(x, self.packed_weight(), self.bias)
+        if x.dtype == torch.float32 and not self._pack_failed and can_pack(self.weight) \
+                and not (torch.is_grad_enabled() and self.weight.requires_grad):
+            packed = self.packed_weight()
+            if packed is not None:
+                return linear_packed(x, packed, self.bias)
         if x.dim() != 2 or x.shape[0] > WXT_MAX_ROWS:
             return F.linear(x, self.weight, self.bias)
         return linear_wxt(x, self.weight, self.bias)
 
-    def packed_weight(self) -> PackedWeight:
+    def packed_weight(self) -> PackedWeight | None:
         """The oneDNN copy of ``weight``, made on first use and remade when the weight
-        changed since. Mutates ``self._packed`` (the cached copy)."""
+        changed since; None if this torch cannot pack it. Mutates ``self._packed`` (the
+        cached copy) and ``self._pack_failed``."""
         if self._packed is None or not self._packed.matches(self.weight):
-            self._packed = pack_weight(self.weight)
+            try:
+                self._packed = pack_weight(self.weight)
+            except RuntimeError:
+                self._packed, self._pack_failed = None, True
         return self._packed

@@ -80,3 +80,22 @@ def test_module_repacks_after_the_weight_changes():
     lin.weight = torch.nn.Parameter(torch.ones(3, 2))  # a new tensor
     with torch.inference_mode():
         assert lin(x).tolist() == [[11.0, 11.0, 11.0]]
+
+
+@needs_onednn
+def test_module_falls_back_when_packing_fails_or_grad_is_wanted(monkeypatch):
+    lin = Linear(2, 3, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, 2.0], [3.0, -4.0], [0.5, 0.0]]))
+    x = torch.tensor([[10.0, 1.0]])
+    out = lin(x)  # grad enabled and the weight requires it: the differentiable form
+    assert out.requires_grad and lin._packed is None
+    assert out.tolist() == [[12.0, 26.0, 5.0]]
+
+    def refuse(weight, rows_hint=8):
+        raise RuntimeError("no oneDNN linear here")
+
+    monkeypatch.setattr(linear, "pack_weight", refuse)
+    with torch.no_grad():
+        assert lin(x).tolist() == [[12.0, 26.0, 5.0]]
+    assert lin._pack_failed and lin._packed is None
