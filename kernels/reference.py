@@ -86,7 +86,7 @@ def paged_decode_attention(
     Pure: reads the caches, returns a new tensor.
     """
     n, hq, d = query.shape
-    nbk, bs, hkv, _ = k_cache.shape
+    _, bs, hkv, _ = k_cache.shape
     if gather is None:
         gather = decode_gather(block_tables, context_lens.to(query.device), bs)
     length = gather.num_tokens
