@@ -5,7 +5,8 @@
 The Triton GEMV autotunes each weight shape alone (``do_bench``, L2 flushed). In a
 batch-1 decode step the GEMVs run back to back under PDL, so the best config in
 isolation need not be the best in the chain. This script (Llama-3-8B shape, random
-bf16 weights) starts from the autotuned picks and, one weight shape at a time,
+bf16 weights) starts from the current picks (``SM90_PICKS`` where a shape has one,
+else autotuned; "autotuned" in the output) and, one weight shape at a time,
 tries every config in ``triton_gemv.CONFIGS`` (and ``--extra`` ones) in the captured
 batch-1 decode graph
 (recaptured per trial, timed on a real step's inputs: CUDA events over 50
@@ -23,7 +24,12 @@ import time
 import torch
 
 from pdserve.bench.common import write_result
-from pdserve.bench.engine_h200 import copy_bandwidth, make_model_dir, random_prompt
+from pdserve.bench.engine_h200 import (
+    copy_bandwidth,
+    engine_steps,
+    make_model_dir,
+    random_prompt,
+)
 from pdserve.kernels import triton_gemv
 
 
@@ -48,12 +54,11 @@ def replay_ms(graphs, reps: int = 50, rounds: int = 5) -> float:
 
 
 def short_run(eng, seed: int) -> None:
+    """One 128-token prompt, 8 greedy tokens: leaves a real step's inputs on the device."""
     from pdserve import SamplingParams
 
     p = SamplingParams(temperature=0, ignore_eos=True, max_tokens=8, skip_special_tokens=False)
-    eng.add_request(f"w{seed}-{time.monotonic_ns()}", random_prompt(random.Random(seed), 128), p)
-    while eng.has_unfinished():
-        eng.step()
+    engine_steps(eng, [p], [random_prompt(random.Random(seed), 128)])
 
 
 def graph_ms(eng, picks: dict) -> float:

@@ -73,13 +73,16 @@ def _version(weight: torch.Tensor) -> int | None:
     return None if weight.is_inference() else weight._version
 
 
+# this torch has oneDNN's linear ops (looked up once: ``can_pack`` runs on every call)
+_ONEDNN = (torch.backends.mkldnn.is_available()
+           and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+           and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
 def can_pack(weight: torch.Tensor) -> bool:
     """True where ``pack_weight`` works: a float32 CPU weight and a torch with
     oneDNN's linear ops. Pure."""
-    return (weight.device.type == "cpu" and weight.dtype == torch.float32
-            and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    return _ONEDNN and weight.device.type == "cpu" and weight.dtype == torch.float32
 
 
 def pack_weight(weight: torch.Tensor, rows_hint: int = 8) -> PackedWeight:
