@@ -6,6 +6,14 @@ freed (its whole pool is free again while the decode worker is still stopped), t
 router ends the stopped worker's requests with an error, and once it is continued its
 late messages change nothing at the prefill worker; new requests then succeed with
 exact tokens, and the four invariants hold.
+
+The prefill worker is stalled (a fault-injection message) from before the load until
+after the stop, so it cannot finish a hand-off before decode0 stops: every job it
+received is granted at the end of the stall, its first push to the stopped peer blocks
+for a lease, and the jobs still queued then lapse. (Without the stall a fast machine
+could finish every hand-off between the last status poll and the stop.) The freeing is
+judged only after prefill0 was seen holding blocks: its report from before the stall
+shows a free pool too.
 """
 
 import concurrent.futures
@@ -26,6 +34,7 @@ from tests.e2e.faults import (
     log_matches,
     long_prompt,
     run_load,
+    send_stall,
     start_cluster,
     stop_cluster,
     wait_until,
@@ -35,13 +44,16 @@ from tests.e2e.faults import (
 LEASE_S = 1.5
 HEARTBEAT_TIMEOUT_S = 3.0
 NUM_LONG = 6  # enough prefill work that holds are still queued a lease after the stop
+PREFILL_STALL_S = 6.0  # holds prefill0's inbox from before the load until after the stop
+LAPSE = r"\[prefill0\].*prefill of (\w+) failed: lease lapsed: decode worker (\S+) did not renew"
 
 
 @pytest.fixture(scope="module")
 def cluster():
     s = start_cluster(fault_config(
         [{"name": "prefill0", "role": "prefill"}, {"name": "decode0", "role": "decode"}],
-        router={"request_timeout_s": 60.0, "heartbeat_timeout_s": HEARTBEAT_TIMEOUT_S},
+        router={"request_timeout_s": 60.0, "heartbeat_timeout_s": HEARTBEAT_TIMEOUT_S,
+                "loop_stall_s": 20.0},  # prefill0's stalled loop is not a fault here
         kv_lease_s=LEASE_S))
     yield s
     stop_cluster(s)
@@ -54,7 +66,9 @@ def test_row4_stopped_decode_lapses_its_leases_and_comes_back(cluster, expected,
     decode, prefill = by["decode0"], by["prefill0"]
     mark = log_marks(cluster)
 
-    # under load: long prompts keep the prefill worker busy with holds for decode0
+    # under load: long prompts queue at the stalled prefill worker, to be held for decode0
+    send_stall(prefill["request_address"], PREFILL_STALL_S)
+    t_stall = time.monotonic()
     pool = concurrent.futures.ThreadPoolExecutor(1)
     load = pool.submit(run_load, cluster, range(NUM_LONG), max_tokens=LONG_MAX_TOKENS,
                        make_prompt=long_prompt)
@@ -63,19 +77,29 @@ def test_row4_stopped_decode_lapses_its_leases_and_comes_back(cluster, expected,
     os.kill(decode["pid"], signal.SIGSTOP)
     t_stop = time.monotonic()
     try:
-        # the holds lapse and the prefill worker frees every block while decode0 sleeps
+        # the stop came while prefill0 was still stalled (no hand-off could finish before)
+        assert t_stop - t_stall < PREFILL_STALL_S - 1.0, t_stop - t_stall
+
+        # back from the stall prefill0 holds blocks for decode0; the holds lapse and it
+        # frees every block while decode0 sleeps
+        def prefill_holds() -> bool:
+            w = workers(cluster)["prefill0"]
+            return w["free_blocks"] < w["total_blocks"] or w["running"] + w["waiting"] > 0
+
         def prefill_free() -> bool:
             w = workers(cluster)["prefill0"]
             return (w["free_blocks"] == w["total_blocks"] and w["running"] == 0
-                    and w["waiting"] == 0)
+                    and w["waiting"] == 0 and bool(log_matches(cluster, LAPSE, since=mark)))
 
-        freed_s = wait_until(prefill_free, 30, "prefill0 kept blocks for a stopped peer")
-        lapsed = log_matches(cluster, r"\[prefill0\].*prefill of (\w+) failed: lease lapsed: "
-                                      r"decode worker (\S+) did not renew", since=mark)
-        assert lapsed, "no hold lapsed"
+        wait_until(prefill_holds, 30, "prefill0 never held blocks for decode0")
+        wait_until(prefill_free, 30, "prefill0 kept blocks for a stopped peer (or no hold "
+                   "lapsed)")
+        freed_s = time.monotonic() - t_stop
+        lapsed = log_matches(cluster, LAPSE, since=mark)
         assert {mt[2] for mt in lapsed} == {decode["request_address"]}
         assert len({mt[1] for mt in lapsed}) == len(lapsed)  # each hold lapsed once
-        assert not workers(cluster)["decode0"]["healthy"]  # ejected meanwhile
+        wait_until(lambda: not workers(cluster)["decode0"]["healthy"], 10,
+                   "decode0 was not ejected")
         stopped_s = time.monotonic() - t_stop
         results = load.result(timeout=90)  # the router ended them: error, or done before
     finally:
