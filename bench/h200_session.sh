@@ -48,6 +48,10 @@ for s in $STAGES; do
       timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_triton_gemv.py \
         2>&1 | tail -5
       timeout 400 python3 bench/gemv_h200.py 2>&1 | grep -v "^\.\.\. " | tail -30 ;;
+    decode_chain)
+      stage "$s"
+      timeout ${CHAIN_TIMEOUT:-150} python3 bench/decode_chain_h200.py --rev "$PDSERVE_REV" \
+        2>&1 | tail -8 ;;
     step_profile)
       stage "$s"
       timeout 400 python3 bench/step_profile_h200.py 2>&1 | tail -${PROFILE_TAIL:-40} ;;

@@ -1,0 +1,186 @@
+"""Batch-1 paged decode attention as a decode step runs it: one launch per layer,
+back to back, each layer reading its own KV. Written for the H200.
+
+    PYTHONPATH=<dir holding pdserve> python3 bench/decode_chain_h200.py [--lens 1024 4096]
+
+``kernels_h200.py`` times one decode launch alone (a CUDA graph of one kernel, L2
+flushed): at batch 1 x 4096 tokens (16.8 MB) that is mostly the launch, the first
+round trip and the tail (an empty kernel there takes ~4.6 us of the ~17). In a step
+the 32 layers' launches follow each other (PDL overlaps one's prologue with the tail
+of the one before), so this script measures the kernel's throughput in that setting:
+for each context length, ``LAYERS`` paged caches (blocks in random order), one query
+per layer, captured as ``LAYERS`` launches in one CUDA graph and timed with
+``triton.testing.do_bench`` (L2 flushed before each replay; the chain reads
+``LAYERS`` times the KV, far more than L2 holds). Per layer = graph / ``LAYERS``.
+
+In the same run, each the same way (``LAYERS`` launches on ``LAYERS`` buffers):
+- SDPA (best of the grouped-rows and ``enable_gqa`` forms) on the same KV laid out
+  contiguously ``[1, Hkv, L, D]``;
+- the read floor: the fastest kernel that only reads the same bytes (``read_floor``);
+- and the single launch in a graph, as ``kernels_h200`` reports it; and the HBM
+  device-to-device copy bandwidth.
+Checks: every layer's output against SDPA's (relative error within bf16 bounds).
+Writes ``decode_chain_h200.json`` to $OUT (if set) or bench/results.
+"""
+
+import argparse
+import datetime
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+
+from pdserve.bench.kernels_h200 import (
+    BS,
+    DEV,
+    HKV,
+    HQ,
+    D,
+    contiguous_kv,
+    copy_bandwidth,
+    git_rev,
+    ms,
+    paged,
+    rel_err,
+)
+from pdserve.bench.read_floor import _read_kernel, read_floor
+from pdserve.kernels.triton_decode import DecodeWorkspace, default_tuning, paged_decode_attention
+
+LAYERS = 32
+
+
+def graph_of(fn) -> torch.cuda.CUDAGraph:
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def time_ours(length: int, qs: list, ctx: torch.Tensor, scale: float) -> dict:
+    """Our decode over ``LAYERS`` fresh paged caches: per-layer time in the chain, the
+    single launch, each layer's output and its KV laid out contiguously (for SDPA)."""
+    layers = [paged([length], torch.bfloat16) for _ in range(LAYERS)]
+    outs = [torch.full_like(q, float("nan")) for q in qs]
+    width = layers[0][2].shape[1]
+    ws = DecodeWorkspace.allocate(1, HQ, HKV, D, -(-width * BS // 128), DEV)
+
+    def ours():
+        for (k, v, t), q, o in zip(layers, qs, outs, strict=True):
+            paged_decode_attention(q, k, v, t, ctx, scale, out=o, workspace=ws)
+
+    chain_ms = ms(graph_of(ours).replay) / LAYERS
+    k0, v0, t0 = layers[0]
+    single_ms = ms(graph_of(lambda: paged_decode_attention(
+        qs[0], k0, v0, t0, ctx, scale, out=outs[0], workspace=ws)).replay)
+    ours()
+    contig = [(contiguous_kv(k, t, length), contiguous_kv(v, t, length)) for k, v, t in layers]
+    return {"chain_ms": chain_ms, "single_ms": single_ms, "outs": outs, "contig": contig,
+            "tuning": default_tuning(1, HKV, width, BS, qs[0].device)}
+
+
+def time_sdpa(contig: list, qs: list, scale: float) -> dict:
+    """SDPA over the same KV, contiguous, ``LAYERS`` launches: ms per layer by form."""
+    def run(gqa: bool):
+        def chain():
+            for (kc, vc), q in zip(contig, qs, strict=True):
+                if gqa:
+                    F.scaled_dot_product_attention(q.view(1, HQ, 1, D), kc, vc, scale=scale,
+                                                   enable_gqa=True)
+                else:
+                    F.scaled_dot_product_attention(q.view(1, HKV, HQ // HKV, D), kc, vc,
+                                                   scale=scale)
+        return chain
+
+    return {"grouped_rows_ms": ms(graph_of(run(False)).replay) / LAYERS,
+            "enable_gqa_ms": ms(graph_of(run(True)).replay) / LAYERS}
+
+
+def time_reads(kv_bytes: int, kernel: dict) -> float:
+    """The read kernel of shape ``kernel`` over ``LAYERS`` buffers of ``kv_bytes``: ms
+    per buffer in the chain."""
+    words = kv_bytes // 4
+    bufs = [torch.randint(-1000, 1000, (words,), dtype=torch.int32, device=DEV)
+            for _ in range(LAYERS)]
+    sink = torch.empty(1024, dtype=torch.int32, device=DEV)
+
+    def reads():
+        for b in bufs:
+            _read_kernel[(kernel["grid"],)](b, sink, words // kernel["grid"],
+                                            BLOCK=kernel["block"], num_warps=kernel["warps"])
+
+    return ms(graph_of(reads).replay) / LAYERS
+
+
+def chain_case(length: int, copy_bw: float) -> dict:
+    """One context length: our decode, SDPA and the read floor, ``LAYERS`` launches each."""
+    scale = D ** -0.5
+    qs = [torch.randn(1, HQ, D, device=DEV, dtype=torch.bfloat16) for _ in range(LAYERS)]
+    ctx = torch.tensor([length], dtype=torch.int32, device=DEV)
+    kv_bytes = length * HKV * D * 2 * 2  # per layer
+    ours = time_ours(length, qs, ctx, scale)
+    errs = []
+    for (kc, vc), q, o in zip(ours["contig"], qs, ours["outs"], strict=True):
+        ref = F.scaled_dot_product_attention(q.view(1, HKV, HQ // HKV, D), kc, vc, scale=scale)
+        errs.append(rel_err(o.float(), ref.reshape(1, HQ, D)))
+    sdpa_detail = time_sdpa(ours.pop("contig"), qs, scale)
+    sdpa_ms = min(sdpa_detail.values())
+    floor_one = read_floor(kv_bytes)  # picks the read kernel's shape on one buffer
+    best = floor_one["best_graph"]
+    floor_ms = time_reads(kv_bytes, best)
+    chain_ms, single_ms = ours["chain_ms"], ours["single_ms"]
+    tbps = kv_bytes / chain_ms / 1e9
+    return {
+        "context": length, "kv_bytes_per_layer": kv_bytes, "layers": LAYERS,
+        "tuning": str(ours["tuning"]), "copy_tbps": copy_bw,
+        "chain_ms_per_layer": chain_ms, "chain_tbps": tbps, "chain_ratio_copy": tbps / copy_bw,
+        "sdpa_chain_ms_per_layer": sdpa_ms, "sdpa_chain_tbps": kv_bytes / sdpa_ms / 1e9,
+        "sdpa_detail": sdpa_detail, "ratio_sdpa": sdpa_ms / chain_ms,
+        "read_floor_chain_ms_per_layer": floor_ms,
+        "read_floor_chain_tbps": kv_bytes / floor_ms / 1e9,
+        "ratio_read_floor": floor_ms / chain_ms, "read_floor_kernel": best,
+        "single_launch_graph_ms": single_ms, "single_launch_tbps": kv_bytes / single_ms / 1e9,
+        "read_floor_single_graph_ms": best["graph_ms"],
+        "empty_kernel_graph_ms": floor_one["empty_kernel_graph_ms"],
+        "max_rel_err_vs_sdpa": max(errs), "checks_pass": max(errs) < 2e-2,
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--lens", type=int, nargs="+", default=[1024, 4096, 16384])
+    ap.add_argument("--rev", default=None)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    copy_bw = copy_bandwidth()
+    rows = []
+    for length in args.lens:
+        row = chain_case(length, copy_bw)
+        rows.append(row)
+        print(f"B=1 x {length}: {row['chain_ms_per_layer'] * 1e3:.2f} us/layer in a chain = "
+              f"{row['chain_tbps']:.2f} TB/s ({row['chain_ratio_copy']:.2f}x copy "
+              f"{copy_bw:.2f}); SDPA {row['sdpa_chain_tbps']:.2f} TB/s "
+              f"({row['ratio_sdpa']:.2f}x ours); read floor {row['read_floor_chain_tbps']:.2f}"
+              f" TB/s; single launch {row['single_launch_graph_ms'] * 1e3:.1f} us "
+              f"({row['single_launch_tbps']:.2f} TB/s); err {row['max_rel_err_vs_sdpa']:.1e}",
+              flush=True)
+    result = {
+        "command": "python3 bench/decode_chain_h200.py " + " ".join(
+            ["--lens", *map(str, args.lens)]),
+        "git_revision": git_rev(args.rev), "gpu": torch.cuda.get_device_name(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "copy_bandwidth_TB_s": copy_bw, "shape": {"q_heads": HQ, "kv_heads": HKV, "head_dim": D,
+                                                  "block_size": BS, "dtype": "bfloat16"},
+        "cases": rows, "all_checks_pass": all(r["checks_pass"] for r in rows),
+    }
+    out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
+    path = os.path.join(out_dir, "decode_chain_h200.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
