@@ -8,7 +8,8 @@ has signalled (``gdc_launch_dependents``); each then blocks in ``gdc_wait`` unti
 the previous kernel has finished and its writes are visible. So a PDL kernel must
 do nothing before ``gdc_wait`` that reads what an earlier kernel writes, or writes
 anything at all (its output may be memory an earlier kernel still reads).
-``pdl_enter`` is that prologue, at the very top of a kernel: wait, then signal, so
+``pdl_enter`` is that prologue, at the top of a kernel (the decode attention reads
+its step inputs, the context lengths and block ids, ahead of it): wait, then signal, so
 that only the one kernel after the running one is resident early (signalling
 before the wait let a chain of waiting kernels take SM slots: H200 batch-1 decode
 graph 4.69 ms against 4.41 without PDL). Kernels launched without PDL, and torch's

@@ -167,7 +167,6 @@ def _decode_kernel(
     SPLIT: tl.constexpr, FUSED_REDUCE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pdl_enter(PDL)
     kv_head = tl.program_id(0)
     part = tl.program_id(1)
     seq = tl.program_id(2)
@@ -175,11 +174,14 @@ def _decode_kernel(
     num_parts = tl.num_programs(1)
     start = part * partition_size
 
-    # Everything that does not depend on the context length is loaded before the
-    # length check, so the loads of the length, q and the first tile's block ids
-    # are one memory round trip, not three. The first block ids are masked by the
-    # table width (from shapes), not the context: entries past a context may be
-    # any id, and are only used under the K/V masks below, which do use the context.
+    # The length and the first tile's block ids are loaded together, before the
+    # length check, and under PDL before waiting for the kernel ahead: they are the
+    # step's inputs (copied in before it), not what that kernel writes. A partition
+    # past its context so exits without waiting (most of them, when the grid is sized
+    # for a long max_model_len and the context is short). q is loaded after the wait
+    # (the kernel ahead writes it). The first block ids are masked by the table width
+    # (from shapes), not the context: entries past a context may be any id, and are
+    # only used under the K/V masks below, which do use the context.
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
@@ -192,10 +194,11 @@ def _decode_kernel(
     ctx = tl.load(ctx_ptr + seq)
     blk = tl.load(table + toks // KV_BLOCK, mask=(toks // KV_BLOCK) < max_blocks,
                   other=0).to(tl.int64)
-    q = tl.load(q_ptr + seq * stride_qn + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=gd_mask, other=0.0)
     if start >= ctx:
         return
+    pdl_enter(PDL)
+    q = tl.load(q_ptr + seq * stride_qn + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=gd_mask, other=0.0)
     end = tl.minimum(start + partition_size, ctx)
     q = q.to(k_ptr.dtype.element_ty)  # [BLOCK_G, BLOCK_D]
 
@@ -292,7 +295,11 @@ def paged_decode_attention(
 ) -> torch.Tensor:  # [N, Hq, D]
     """See ``reference.paged_decode_attention``. Pure but for ``out``/``workspace``.
 
-    No host sync; the returned tensor is ready when the launching stream is.
+    No host sync; the returned tensor is ready when the launching stream is. Under PDL
+    (``pdl.use_pdl``) ``block_tables`` and ``context_lens`` are read before the kernel
+    ahead on the stream has finished: they must not be written by that kernel (a
+    step's inputs copied in before its first kernel are fine; torch's kernels and
+    copies, launched without PDL, always finish first).
     """
     n, hq, d = query.shape
     _, bs, hkv, _ = k_cache.shape
