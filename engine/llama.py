@@ -21,6 +21,7 @@ from pdserve.engine.attention_metadata import AttentionMetadata
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.linear import Linear
 from pdserve.engine.rope import RotaryEmbedding, rotate_
+from pdserve.kernels import ops
 
 # Called after each layer's K/V are stored: (layer_index) -> None.
 LayerHook = Callable[[int], None]
@@ -119,6 +120,9 @@ class MLP(nn.Module):
         if x.is_cuda:
             from pdserve.kernels.triton_fused import silu_and_mul
 
+            w = self.gate_up_proj.weight
+            if ops.can_gemv(x, w):  # decode rows: the activation in the GEMV's epilogue
+                return self.down_proj(ops.gate_up_silu_small_m(x, w))
             return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # views of one new tensor
         return self.down_proj(F.silu(gate, inplace=True).mul_(up))

@@ -141,3 +141,16 @@ def linear_small_m(x, weight, bias=None):
 
         return gemv(x, weight, bias)
     return reference.linear(x, weight, bias)
+
+
+def gate_up_silu_small_m(x, weight):
+    """``silu(x @ gate^T) * (x @ up^T)`` for decode-sized ``x`` (``[M, K]``, M <= 8) and
+    a fused gate/up ``weight`` ``[2I, K]`` (gate rows first): one Triton GEMV with the
+    activation in its epilogue (``triton_gemv.gemv_glu``) when ``can_gemv``, else the
+    reference. Returns a new ``[M, I]`` tensor."""
+    if can_gemv(x, weight):
+        from pdserve.kernels.triton_gemv import gemv_glu
+
+        return gemv_glu(x, weight)
+    gate, up = reference.linear(x, weight).chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up

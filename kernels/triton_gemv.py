@@ -25,6 +25,12 @@ It exists for the shapes whose N gives about one program per SM (H200, M=1: o_pr
 and down_proj at 16-32 rows per program streamed at 0.45-0.65x the copy rate, lm_head
 with 4000 programs at 1.0x; it made no measurable difference at N=4096).
 
+``gemv_glu`` is the same stream over a fused gate/up weight ``[2I, K]`` (gate rows
+first) with ``silu(gate) * up`` in the epilogue: a program takes ``BLOCK_N / 2`` gate
+rows and the up rows of the same columns, so each output column's pair is in one
+program's accumulator, and it writes ``[M, I]``, rounding as ``gemv`` followed by
+``triton_fused.silu_and_mul`` do (the same bits). One kernel instead of two per MLP.
+
 Shapes in ``SM90_PICKS`` (Llama-3-8B's, and so Llama-3.x/Mistral-7B's) use a fixed
 config on sm_90, measured inside the batch-1 decode graph on the H200
 (``bench/gemv_insitu_h200.py``): there the GEMVs run back to back under PDL, and
@@ -41,8 +47,8 @@ while a CUDA graph is being captured never autotunes: it uses the remembered pic
 ``default_config`` if the shape was never run eagerly. The launch has no host sync,
 so it captures as is.
 
-Public names: ``gemv``, ``GemvConfig``, ``CONFIGS``, ``SM90_PICKS``, ``preset_config``,
-``default_config``, ``chosen_configs``, ``MAX_ROWS``.
+Public names: ``gemv``, ``gemv_glu``, ``GemvConfig``, ``CONFIGS``, ``SM90_PICKS``,
+``preset_config``, ``default_config``, ``chosen_configs``, ``MAX_ROWS``.
 """
 
 from dataclasses import dataclass
@@ -115,12 +121,17 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, tickets_ptr, M, N, K,
                  stride_xm, stride_wn, stride_om,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-                 SPLIT_K: tl.constexpr, PDL: tl.constexpr):
+                 SPLIT_K: tl.constexpr, PDL: tl.constexpr, GLU: tl.constexpr = False):
     pdl_enter(PDL)
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     # rows past N read row N - 1 (valid memory, no mask on the W stream); not stored
     rows_w = tl.minimum(offs_n, N - 1).to(tl.int64)
+    if GLU:  # rows r < BLOCK_N / 2: gate of column c(r); the rest: up of the same columns
+        half_n = N // 2
+        offs_r = tl.arange(0, BLOCK_N)
+        cols = tl.minimum(pid * (BLOCK_N // 2) + offs_r % (BLOCK_N // 2), half_n - 1)
+        rows_w = (cols + (offs_r // (BLOCK_N // 2)) * half_n).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + rows_w[:, None] * stride_wn + offs_k[None, :]  # [BLOCK_N, BLOCK_K]
     bias = tl.zeros([BLOCK_N], tl.float32)
@@ -152,25 +163,49 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, tickets_ptr, M, N, K,
     out_mask = m_mask[None, :] & (offs_n[:, None] < N)
     out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
     if SPLIT_K > 1:
-        # partial of split s at ws[s, m, n]; the last of the tile's splits sums them
-        tile = offs_m[None, :] * N + offs_n[:, None]  # [BLOCK_N, 16]
-        tl.store(ws_ptr + tl.program_id(1) * M * N + tile, acc, mask=out_mask)
+        # partial of split s at ws[s, m, W row]; the last of the tile's splits sums them
+        # (a GLU program's clamped rows repeat a row of its own, with the same values)
+        tile = offs_m[None, :] * N + rows_w[:, None]  # [BLOCK_N, 16]
+        ws_mask = m_mask[None, :] if GLU else out_mask
+        tl.store(ws_ptr + tl.program_id(1) * M * N + tile, acc, mask=ws_mask)
         tl.debug_barrier()  # every thread's partial precedes the ticket's release
         counter = tickets_ptr + pid
         ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
         if ticket == SPLIT_K - 1:
             acc = tl.zeros([BLOCK_N, 16], tl.float32)
             for s in tl.static_range(SPLIT_K):
-                acc += tl.load(ws_ptr + s * M * N + tile, mask=out_mask, other=0.0,
+                acc += tl.load(ws_ptr + s * M * N + tile, mask=ws_mask, other=0.0,
                                cache_modifier=".cg")
             if HAS_BIAS:
                 acc += bias[:, None]
-            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+            _store(acc, out_ptr, out_ptrs, out_mask, offs_m, m_mask, stride_om, pid, N,
+                   BLOCK_N, GLU)
             tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # for the next launch
     else:
         if HAS_BIAS:
             acc += bias[:, None]
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+        _store(acc, out_ptr, out_ptrs, out_mask, offs_m, m_mask, stride_om, pid, N, BLOCK_N,
+               GLU)
+
+
+@triton.jit
+def _store(acc, out_ptr, out_ptrs, out_mask, offs_m, m_mask, stride_om, pid, N,
+           BLOCK_N: tl.constexpr, GLU: tl.constexpr):
+    """Store a program's ``[BLOCK_N, 16]`` result; with ``GLU``, its gate half and up
+    half as ``silu(gate) * up`` into ``BLOCK_N / 2`` columns of ``[M, N / 2]``, each
+    factor rounded to the output dtype first (``gemv`` then ``silu_and_mul``)."""
+    dt = out_ptr.dtype.element_ty
+    if GLU:
+        pair = tl.permute(tl.reshape(acc, [2, BLOCK_N // 2, 16]), (1, 2, 0))
+        g, u = tl.split(pair)  # [BLOCK_N / 2, 16] each
+        g = g.to(dt).to(tl.float32)
+        u = u.to(dt).to(tl.float32)
+        s = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+        cols = pid * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        tl.store(out_ptr + offs_m[None, :] * stride_om + cols[:, None], (s * u).to(dt),
+                 mask=m_mask[None, :] & (cols[:, None] < N // 2))
+    else:
+        tl.store(out_ptrs, acc.to(dt), mask=out_mask)
 
 
 def _triton_config(c: GemvConfig) -> triton.Config:
@@ -237,6 +272,43 @@ def _workspace(device: torch.device, m: int, n: int) -> tuple[torch.Tensor, torc
     return ws
 
 
+def _check(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The operands' contract (see ``gemv``); returns ``x`` with stride 1 along K."""
+    m, k = x.shape
+    assert 1 <= m <= MAX_ROWS, f"gemv takes 1..{MAX_ROWS} rows, got {m}"
+    assert weight.shape[1] == k and weight.stride(1) == 1, "weight must be [N, K], K-contiguous"
+    assert x.dtype == weight.dtype and x.dtype in (torch.float16, torch.bfloat16), \
+        (x.dtype, weight.dtype)
+    return x if x.stride(1) == 1 else x.contiguous()
+
+
+def _config_for(n: int, k: int, x: torch.Tensor, autotune) -> tuple[GemvConfig, bool]:
+    """The config for (N, K) on x's device: remembered, the sm_90 preset, the default
+    inside a graph capture, or autotuned now by ``autotune()`` (which runs the plain
+    kernel); and whether ``autotune`` ran. Mutates the module's record of picks."""
+    key = (n, k, x.dtype, x.device.index)
+    config = _chosen.get(key)
+    if config is None and x.is_cuda:
+        config = preset_config(n, k, x.dtype, torch.cuda.get_device_capability(x.device))
+    ran = False
+    if config is None:
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return default_config(n, k), False  # never time inside a capture
+        autotune()
+        config, ran = _from_triton(_gemv_autotuned.best_config), True
+    _chosen[key] = config
+    return config, ran
+
+
+def _launch(args: tuple, config: GemvConfig, n: int, k: int, x: torch.Tensor, has_bias: bool,
+            glu: bool) -> None:
+    _gemv_kernel[(triton.cdiv(n, config.block_n), config.split_k)](
+        *args, BLOCK_N=config.block_n, BLOCK_K=config.block_k, HAS_BIAS=has_bias,
+        EVEN_K=_even_k(k, config.block_k, config.split_k), SPLIT_K=config.split_k,
+        num_warps=config.num_warps, num_stages=config.num_stages, PDL=use_pdl(x),
+        launch_pdl=use_pdl(x), GLU=glu)
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          out: torch.Tensor | None = None, config: GemvConfig | None = None) -> torch.Tensor:
     """``x @ weight^T (+ bias)``: x ``[M, K]`` (1 <= M <= 8), weight ``[N, K]`` with
@@ -245,14 +317,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     returns it. ``config`` forces a variant (tests, sweeps); otherwise see the module
     doc. Mutates ``out`` and, on a shape's first eager call, the module's record of
     autotuning picks; no host sync (graph-capturable)."""
+    x = _check(x, weight)
     m, k = x.shape
     n = weight.shape[0]
-    assert 1 <= m <= MAX_ROWS, f"gemv takes 1..{MAX_ROWS} rows, got {m}"
-    assert weight.shape[1] == k and weight.stride(1) == 1, "weight must be [N, K], K-contiguous"
-    assert x.dtype == weight.dtype and x.dtype in (torch.float16, torch.bfloat16), \
-        (x.dtype, weight.dtype)
-    if x.stride(1) != 1:
-        x = x.contiguous()
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     assert out.shape == (m, n) and out.stride(1) == 1
@@ -261,22 +328,39 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     args = (x, weight, bias if has_bias else out, out, partials, tickets, m, n, k, x.stride(0),
             weight.stride(0), out.stride(0))
     if config is None:
-        key = (n, k, x.dtype, x.device.index)
-        config = _chosen.get(key)
-        if config is None and x.is_cuda:
-            config = preset_config(n, k, x.dtype, torch.cuda.get_device_capability(x.device))
-            if config is not None:
-                _chosen[key] = config
-        if config is None:
-            if x.is_cuda and torch.cuda.is_current_stream_capturing():
-                config = default_config(n, k)  # never time inside a capture
-            else:
-                _gemv_autotuned[_grid(n)](*args, HAS_BIAS=has_bias, PDL=False)
-                _chosen[key] = _from_triton(_gemv_autotuned.best_config)
-                return out
-    _gemv_kernel[(triton.cdiv(n, config.block_n), config.split_k)](
-        *args, BLOCK_N=config.block_n, BLOCK_K=config.block_k, HAS_BIAS=has_bias,
-        EVEN_K=_even_k(k, config.block_k, config.split_k), SPLIT_K=config.split_k,
-        num_warps=config.num_warps, num_stages=config.num_stages, PDL=use_pdl(x),
-        launch_pdl=use_pdl(x))
+        config, ran = _config_for(n, k, x, lambda: _gemv_autotuned[_grid(n)](
+            *args, HAS_BIAS=has_bias, PDL=False))
+        if ran:
+            return out  # autotuning ran the kernel: out is written
+    _launch(args, config, n, k, x, has_bias, glu=False)
+    return out
+
+
+def gemv_glu(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
+             config: GemvConfig | None = None) -> torch.Tensor:
+    """``silu(x @ gate^T) * (x @ up^T)`` where ``weight`` ``[2I, K]`` is ``[gate; up]``
+    (the fused gate/up projection), x ``[M, K]`` as for ``gemv``; the same bits as
+    ``silu_and_mul(gemv(x, weight))``. Writes ``out`` ``[M, I]`` (allocated when None)
+    and returns it. The config is the one ``gemv`` uses for ``weight``'s shape (autotuned
+    on the plain kernel if there is none yet); ``config`` forces one whose ``block_n``
+    halves evenly. Mutates ``out`` and the module's record of picks; no host sync."""
+    x = _check(x, weight)
+    m, k = x.shape
+    n = weight.shape[0]
+    assert n % 2 == 0, "a fused gate/up weight has an even number of rows"
+    if out is None:
+        out = torch.empty(m, n // 2, dtype=x.dtype, device=x.device)
+    assert out.shape == (m, n // 2) and out.stride(1) == 1
+    partials, tickets = _workspace(x.device, m, n)
+    if config is None:
+        def autotune():
+            y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+            _gemv_autotuned[_grid(n)](x, weight, y, y, partials, tickets, m, n, k, x.stride(0),
+                                      weight.stride(0), y.stride(0), HAS_BIAS=False, PDL=False)
+
+        config, _ = _config_for(n, k, x, autotune)
+    assert config.block_n % 2 == 0
+    args = (x, weight, out, out, partials, tickets, m, n, k, x.stride(0), weight.stride(0),
+            out.stride(0))
+    _launch(args, config, n, k, x, False, glu=True)
     return out

@@ -14,11 +14,13 @@ from pdserve.kernels import reference
 triton = pytest.importorskip("triton")
 from kernel_checks import gpu, interpreter  # noqa: E402
 
+from pdserve.kernels.triton_fused import silu_and_mul  # noqa: E402
 from pdserve.kernels.triton_gemv import (  # noqa: E402
     SM90_PICKS,
     GemvConfig,
     chosen_configs,
     gemv,
+    gemv_glu,
     preset_config,
 )
 
@@ -78,6 +80,36 @@ def test_gemv_interpreter_split_k_tickets_reset():
     assert not _workspaces[torch.device("cpu")][1].any()
     check(2, 37, 200, torch.float16, True, "cpu", SPLIT)
     assert not _workspaces[torch.device("cpu")][1].any()
+
+
+def check_glu(m, half_n, k, dtype, device, config=None):
+    """``gemv_glu`` against ``silu_and_mul(gemv(...))`` with the same config, output
+    NaN-poisoned: the same bits on the GPU; within one unit in the last place under the
+    interpreter, whose numpy ``exp`` may round a vector's elements differently by where
+    they sit (it does at M = 8)."""
+    x = torch.randn(m, k, dtype=dtype, device=device)
+    w = torch.randn(2 * half_n, k, dtype=dtype, device=device)
+    ref = silu_and_mul(gemv(x, w, config=config))
+    out = torch.full((m, half_n), float("nan"), dtype=dtype, device=device)
+    got = gemv_glu(x, w, out=out, config=config)
+    assert got is out and not got.isnan().any()
+    if device == "cpu":
+        eps = torch.finfo(dtype).eps
+        tiny = torch.finfo(dtype).tiny * eps  # the smallest subnormal step
+        diff = (got.float() - ref.float()).abs()
+        assert (diff <= eps * ref.float().abs() + 2 * tiny).all(), diff.max().item()
+        assert (diff == 0).float().mean() > 0.95  # almost all are the same bits
+    else:
+        assert torch.equal(got, ref)
+
+
+@interpreter
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("config", [DOT, GemvConfig(32, 64, 4, 2), SPLIT],
+                         ids=["dot", "dot32", "split_k"])
+def test_gemv_glu_interpreter_fp16(config, m):
+    """Columns not a multiple of the half tile (37): the last program's clamped rows."""
+    check_glu(m, 37, 200, torch.float16, "cpu", config)
 
 
 def rows_alone_equal_rows_together(n, k, dtype, device, config=None):
@@ -140,6 +172,30 @@ def test_gemv_gpu_uses_the_preset_on_sm90():
 @pytest.mark.parametrize("m", [1, 4, 8])
 def test_gemv_gpu_variants(config, m):
     check(m, 1000, 4000, torch.bfloat16, True, "cuda", config)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 2, 8])
+@pytest.mark.parametrize("config", [None, GemvConfig(32, 128, 4, 6, 4)], ids=["pick", "split4"])
+def test_gemv_glu_gpu_same_bits(config, m):
+    """Llama-3-8B's gate/up (FFN 14336) in bf16, the sm_90 pick or autotuned, and a
+    split-K config: the same bits as the GEMV followed by SiLU * up."""
+    check_glu(m, 14336, 4096, torch.bfloat16, "cuda", config)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gemv_glu_gpu_autotunes_on_the_plain_kernel():
+    """A shape with no preset and no pick yet: the plain kernel is autotuned once for
+    the weight's shape (its output thrown away) and the GLU launch uses that pick."""
+    n, k = 2 * 1000, 4000
+    assert (n, k, torch.bfloat16, torch.cuda.current_device()) not in chosen_configs()
+    x = torch.randn(2, k, dtype=torch.bfloat16, device="cuda")
+    w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda")
+    got = gemv_glu(x, w)
+    pick = chosen_configs()[(n, k, torch.bfloat16, torch.cuda.current_device())]
+    assert torch.equal(got, silu_and_mul(gemv(x, w, config=pick)))
 
 
 @gpu
