@@ -48,6 +48,11 @@ class DecodeTuning:
     num_warps: int = 4
     num_stages: int = 3
     fused_reduce: bool = True
+    # > 0: each sequence's partitions follow its own context on the device: at most
+    # ``max_partitions`` of them (fewer when the cap binds), each a multiple of
+    # ``block_n`` tokens, at least ``min_partition``, at most ``partition_size``
+    max_partitions: int = 0
+    min_partition: int = 64
 
 
 FULL_BATCH_PARTITION = 4096  # tokens per partition when sequences x kv heads fill the GPU
@@ -92,7 +97,14 @@ def default_tuning(num_seqs: int, num_kv_heads: int, max_blocks: int, block_size
 
 
 def num_partitions(max_blocks: int, block_size: int, tuning: DecodeTuning) -> int:
-    return triton.cdiv(max_blocks * block_size, tuning.partition_size)
+    """Partitions per (sequence, kv head) in the grid: enough for any context up to the
+    table width (``_partition_size`` never makes more). Pure."""
+    max_tokens = max_blocks * block_size
+    capped = triton.cdiv(max_tokens, tuning.partition_size)
+    if tuning.max_partitions <= 0:
+        return capped
+    return max(1, min(max(tuning.max_partitions, capped),
+                      triton.cdiv(max_tokens, tuning.min_partition)))
 
 
 @dataclass(frozen=True)
@@ -111,6 +123,19 @@ class DecodeWorkspace:
         numel = num_seqs * num_q_heads * num_parts * (head_dim + 2)
         return cls(torch.empty(numel, dtype=torch.float32, device=device),
                    torch.zeros(num_seqs * num_kv_heads, dtype=torch.int32, device=device))
+
+
+@triton.jit
+def _partition_size(ctx, partition_size, max_parts, min_part, BLOCK_N: tl.constexpr,
+                    ADAPTIVE: tl.constexpr):
+    """Tokens per partition for a context of ``ctx``: fixed, or (``ADAPTIVE``) enough
+    that ``max_parts`` partitions cover it, rounded up to ``BLOCK_N``, within
+    ``[min_part, partition_size]``."""
+    if ADAPTIVE:
+        size = tl.cdiv(tl.cdiv(ctx, max_parts), BLOCK_N) * BLOCK_N
+        return tl.minimum(tl.maximum(size, min_part), partition_size)
+    else:
+        return partition_size + 0 * ctx
 
 
 @triton.jit
@@ -158,21 +183,20 @@ def _merge_partials(out_ptr, m_ptr, l_ptr, acc_ptr, first, num_valid, seq, kv_he
 @triton.jit
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, tables_ptr, ctx_ptr, out_ptr, ticket_ptr, ws_ptr,
-    qk_scale, partition_size, max_blocks,
+    qk_scale, partition_size, max_parts, min_part, max_blocks,
     stride_qn, stride_qh, stride_kb, stride_kt, stride_kh,
     stride_tn, stride_on, stride_oh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_GR: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     KV_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
     SPLIT: tl.constexpr, FUSED_REDUCE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, ADAPTIVE: tl.constexpr = False,
 ):
     kv_head = tl.program_id(0)
     part = tl.program_id(1)
     seq = tl.program_id(2)
     num_kv_heads = tl.num_programs(0)
     num_parts = tl.num_programs(1)
-    start = part * partition_size
 
     # The length and the first tile's block ids are loaded together, before the
     # length check, and under PDL before waiting for the kernel ahead: they are the
@@ -190,8 +214,12 @@ def _decode_kernel(
     gd_mask = g_mask[:, None] & d_mask[None, :]
     heads = kv_head * GROUP + offs_g  # [BLOCK_G] query heads of this kv head
     table = tables_ptr + seq.to(tl.int64) * stride_tn
-    toks = start + offs_n  # [BLOCK_N]
     ctx = tl.load(ctx_ptr + seq)
+    if ADAPTIVE:  # the partition follows the context: its ids wait for the length
+        partition_size = _partition_size(ctx, partition_size, max_parts, min_part, BLOCK_N,
+                                         ADAPTIVE)
+    start = part * partition_size
+    toks = start + offs_n  # [BLOCK_N]
     blk = tl.load(table + toks // KV_BLOCK, mask=(toks // KV_BLOCK) < max_blocks,
                   other=0).to(tl.int64)
     if start >= ctx:
@@ -265,13 +293,16 @@ def _decode_kernel(
 
 @triton.jit
 def _decode_merge_kernel(
-    out_ptr, ws_ptr, ctx_ptr, partition_size, num_parts, stride_on, stride_oh,
+    out_ptr, ws_ptr, ctx_ptr, partition_size, max_parts, min_part, num_parts, stride_on,
+    stride_oh,
     GROUP: tl.constexpr, BLOCK_GR: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, ADAPTIVE: tl.constexpr,
 ):
     kv_head = tl.program_id(0)
     seq = tl.program_id(1)
-    num_valid = tl.minimum(tl.cdiv(tl.load(ctx_ptr + seq), partition_size), num_parts)
+    ctx = tl.load(ctx_ptr + seq)
+    size = _partition_size(ctx, partition_size, max_parts, min_part, BLOCK_N, ADAPTIVE)
+    num_valid = tl.minimum(tl.cdiv(ctx, size), num_parts)
     first = (seq * tl.num_programs(0) + kv_head) * num_parts
     num_partials = tl.num_programs(1) * tl.num_programs(0) * num_parts * GROUP
     m_ptr = ws_ptr
@@ -330,7 +361,8 @@ def paged_decode_attention(
     block_p = max(1, min(triton.next_power_of_2(num_parts), 8192 // (block_gr * block_d)))
     _decode_kernel[(hkv, num_parts, n)](
         query, k_cache, v_cache, block_tables, context_lens, out, tickets, partials,
-        scale * _LOG2E, tuning.partition_size, max_blocks,
+        scale * _LOG2E, tuning.partition_size, max(1, tuning.max_partitions),
+        tuning.min_partition, max_blocks,
         query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, BLOCK_G=max(16, block_gr), BLOCK_GR=block_gr, HEAD_DIM=d, BLOCK_D=block_d,
@@ -338,14 +370,14 @@ def paged_decode_attention(
         FUSED_REDUCE=tuning.fused_reduce,
         DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
         num_warps=tuning.num_warps, num_stages=tuning.num_stages,
-        PDL=use_pdl(query), launch_pdl=use_pdl(query),
+        PDL=use_pdl(query), launch_pdl=use_pdl(query), ADAPTIVE=tuning.max_partitions > 0,
     )
     if split and not tuning.fused_reduce:
         _decode_merge_kernel[(hkv, n)](
-            out, partials, context_lens, tuning.partition_size, num_parts,
-            out.stride(0), out.stride(1),
+            out, partials, context_lens, tuning.partition_size, max(1, tuning.max_partitions),
+            tuning.min_partition, num_parts, out.stride(0), out.stride(1),
             GROUP=group, BLOCK_GR=block_gr, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_P=block_p,
-            num_warps=4,
+            BLOCK_N=tuning.block_n, ADAPTIVE=tuning.max_partitions > 0, num_warps=4,
         )
     return out
 

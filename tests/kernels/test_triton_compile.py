@@ -38,7 +38,7 @@ def compile_for_sm90(fn, types, consts, num_warps, num_stages):
     triton.compile(src, target=GPUTarget("cuda", 90, 32),
                    options={"num_warps": num_warps, "num_stages": num_stages, "launch_pdl": pdl})
 
-def decode(dt, d, group, bs, split, fused, block_n, stages, warps=4):
+def decode(dt, d, group, bs, split, fused, block_n, stages, warps=4, adaptive=False):
     gr = triton.next_power_of_2(group)
     scratch = "*fp32" if split else f"*{dt}"
     types = dict(q_ptr=f"*{dt}", k_ptr=f"*{dt}", v_ptr=f"*{dt}", tables_ptr="*i32",
@@ -47,13 +47,15 @@ def decode(dt, d, group, bs, split, fused, block_n, stages, warps=4):
     consts = dict(GROUP=group, BLOCK_G=max(16, gr), BLOCK_GR=gr, HEAD_DIM=d, BLOCK_D=d,
                   KV_BLOCK=bs, BLOCK_N=block_n, BLOCK_P=max(1, min(16, 8192 // (gr * d))),
                   SPLIT=split, FUSED_REDUCE=fused,
-                  DOT_PRECISION="ieee" if dt == "fp32" else "tf32", PDL=dt != "fp32")
+                  DOT_PRECISION="ieee" if dt == "fp32" else "tf32", PDL=dt != "fp32",
+                  ADAPTIVE=adaptive)
     compile_for_sm90(triton_decode._decode_kernel, types, consts, warps, stages)
     if split and not fused:
         compile_for_sm90(triton_decode._decode_merge_kernel,
                          dict(out_ptr=f"*{dt}", ws_ptr="*fp32", ctx_ptr="*i32"),
                          dict(GROUP=group, BLOCK_GR=gr, HEAD_DIM=d, BLOCK_D=d,
-                              BLOCK_P=consts["BLOCK_P"]), 4, 1)
+                              BLOCK_P=consts["BLOCK_P"], BLOCK_N=block_n, ADAPTIVE=adaptive),
+                         4, 1)
 
 def prefill(dt, d, group, bs, tuning):
     types = dict(q_ptr=f"*{dt}", k_ptr=f"*{dt}", v_ptr=f"*{dt}", tables_ptr="*i32",
@@ -79,6 +81,8 @@ if case == "decode":
     decode("fp32", 64, 3, 32, True, True, 64, 3)
     decode("bf16", 128, 4, 16, True, True, 32, 4, warps=2)  # the batch-1 sweep's small shapes
     decode("bf16", 128, 4, 16, True, True, 256, 1, warps=8)  # one tile per partition
+    decode("bf16", 128, 4, 16, True, True, 64, 3, adaptive=True)  # partitions follow context
+    decode("bf16", 128, 4, 16, True, False, 64, 3, adaptive=True)
 elif case == "prefill":
     prefill("bf16", 128, 4, 16, P())  # the default tiles
     prefill("bf16", 64, 3, 32, P(64, 64, 4, 3))  # small batches

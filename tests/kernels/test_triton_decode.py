@@ -116,6 +116,23 @@ def test_decode_interpreter_one_pass_merge(paged_cache, dtype, mode):
 
 
 @interpreter
+@pytest.mark.parametrize("mode", ["fused", "merge_kernel"])
+def test_decode_interpreter_partitions_follow_the_context(paged_cache, mode):
+    """Partitions sized per sequence on the device: at most 3, multiples of 16 tokens,
+    at least 32, at most 64 (the cap makes a 190-token context take 3, a 40-token one
+    takes 2 of 32, a 1-token one 1); the grid (3 here, 4 with the cap alone) is what
+    ``num_partitions`` says."""
+    tuning = DecodeTuning(64, 16, fused_reduce=mode == "fused", max_partitions=3,
+                          min_partition=32)
+    assert num_partitions(12, 16, tuning) == 3  # 192 tokens: cap 64 -> 3
+    assert num_partitions(16, 16, tuning) == 4  # 256 tokens: the cap binds -> 4
+    assert num_partitions(2, 16, tuning) == 1  # 32 tokens: one partition of 32
+    lens = [190, 40, 1, random.randint(2, 190)]
+    check_decode(paged_cache, lens, 8, 2, 64, 16, torch.float32, "cpu", tuning)
+    check_decode(paged_cache, [250, 17], 4, 1, 64, 16, torch.float16, "cpu", tuning)
+
+
+@interpreter
 def test_decode_interpreter_default_tuning(paged_cache):
     check_decode(paged_cache, ragged_lens(3, 16, 300), 4, 2, 64, 16, torch.float16, "cpu")
 
@@ -131,6 +148,8 @@ def test_decode_gpu(paged_cache, dtype, d, bs):
     check_decode(paged_cache, lens, 32, 8, d, bs, dtype, "cuda",
                  DecodeTuning(256, 64, fused_reduce=False))
     check_decode(paged_cache, [random.randint(20000, 33000)], 32, 8, d, bs, dtype, "cuda")
+    check_decode(paged_cache, lens, 32, 8, d, bs, dtype, "cuda",
+                 DecodeTuning(2048, 64, max_partitions=16, min_partition=64))
 
 
 @gpu
