@@ -1,7 +1,7 @@
 """Batch-1 paged decode attention as a decode step runs it: one launch per layer,
 back to back, each layer reading its own KV. Written for the H200.
 
-    PYTHONPATH=<dir holding pdserve> python3 bench/decode_chain_h200.py [--lens 1024 4096]
+    PYTHONPATH=<dir holding pdserve> python3 bench/decode_chain_h200.py [--lens 1024 4096] [--sweep]
 
 ``kernels_h200.py`` times one decode launch alone (a CUDA graph of one kernel, L2
 flushed): at batch 1 x 4096 tokens (16.8 MB) that is mostly the launch, the first
@@ -12,6 +12,9 @@ for each context length, ``LAYERS`` paged caches (blocks in random order), one q
 per layer, captured as ``LAYERS`` launches in one CUDA graph and timed with
 ``triton.testing.do_bench`` (L2 flushed before each replay; the chain reads
 ``LAYERS`` times the KV, far more than L2 holds). Per layer = graph / ``LAYERS``.
+Block tables are ``--table-tokens`` wide (default 8192, an engine's
+``max_model_len``), whatever the context; ``--sweep`` also times other launches
+(``sweep_tunings``: fixed partitions, and partitions that follow the context).
 
 In the same run, each the same way (``LAYERS`` launches on ``LAYERS`` buffers):
 - SDPA (best of the grouped-rows and ``enable_gqa`` forms) on the same KV laid out
@@ -45,7 +48,12 @@ from pdserve.bench.kernels_h200 import (
     rel_err,
 )
 from pdserve.bench.read_floor import _read_kernel, read_floor
-from pdserve.kernels.triton_decode import DecodeWorkspace, default_tuning, paged_decode_attention
+from pdserve.kernels.triton_decode import (
+    DecodeTuning,
+    DecodeWorkspace,
+    default_tuning,
+    paged_decode_attention,
+)
 
 LAYERS = 32
 
@@ -59,26 +67,56 @@ def graph_of(fn) -> torch.cuda.CUDAGraph:
     return graph
 
 
-def time_ours(length: int, qs: list, ctx: torch.Tensor, scale: float) -> dict:
-    """Our decode over ``LAYERS`` fresh paged caches: per-layer time in the chain, the
-    single launch, each layer's output and its KV laid out contiguously (for SDPA)."""
-    layers = [paged([length], torch.bfloat16) for _ in range(LAYERS)]
+def engine_tables(length: int, width_tokens: int) -> tuple:
+    """``paged([length])`` with its block table widened to ``width_tokens`` (an engine
+    sizes every table for ``max_model_len``; entries past the context name any block)."""
+    k, v, tables = paged([length], torch.bfloat16)
+    width = max(tables.shape[1], -(-width_tokens // BS))
+    pad = torch.randint(0, k.shape[0], (1, width - tables.shape[1]), dtype=torch.int32,
+                        device=DEV)
+    return k, v, torch.cat([tables, pad], dim=1)
+
+
+def time_ours(length: int, qs: list, ctx: torch.Tensor, scale: float, width_tokens: int,
+              tunings: list) -> dict:
+    """Our decode over ``LAYERS`` fresh paged caches: per-layer time in the chain for the
+    default launch and each of ``tunings``, the default's single launch, each layer's
+    output and its KV laid out contiguously (for SDPA)."""
+    layers = [engine_tables(length, width_tokens) for _ in range(LAYERS)]
     outs = [torch.full_like(q, float("nan")) for q in qs]
     width = layers[0][2].shape[1]
-    ws = DecodeWorkspace.allocate(1, HQ, HKV, D, -(-width * BS // 128), DEV)
+    ws = DecodeWorkspace.allocate(1, HQ, HKV, D, -(-width * BS // 64), DEV)
+    default = default_tuning(1, HKV, width, BS, qs[0].device)
 
-    def ours():
-        for (k, v, t), q, o in zip(layers, qs, outs, strict=True):
-            paged_decode_attention(q, k, v, t, ctx, scale, out=o, workspace=ws)
+    def chain(tuning):
+        def run():
+            for (k, v, t), q, o in zip(layers, qs, outs, strict=True):
+                paged_decode_attention(q, k, v, t, ctx, scale, out=o, workspace=ws,
+                                       tuning=tuning)
+        return run
 
-    chain_ms = ms(graph_of(ours).replay) / LAYERS
+    swept = [{"tuning": str(t), "chain_ms": ms(graph_of(chain(t)).replay, rep=40) / LAYERS}
+             for t in tunings]
+    chain_ms = ms(graph_of(chain(default)).replay) / LAYERS
     k0, v0, t0 = layers[0]
     single_ms = ms(graph_of(lambda: paged_decode_attention(
         qs[0], k0, v0, t0, ctx, scale, out=outs[0], workspace=ws)).replay)
-    ours()
-    contig = [(contiguous_kv(k, t, length), contiguous_kv(v, t, length)) for k, v, t in layers]
+    chain(default)()
+    contig = [(contiguous_kv(k, t[:, :-(-length // BS)], length),
+               contiguous_kv(v, t[:, :-(-length // BS)], length)) for k, v, t in layers]
     return {"chain_ms": chain_ms, "single_ms": single_ms, "outs": outs, "contig": contig,
-            "tuning": default_tuning(1, HKV, width, BS, qs[0].device)}
+            "tuning": default, "swept": sorted(swept, key=lambda r: r["chain_ms"]),
+            "table_tokens": width * BS}
+
+
+def sweep_tunings() -> list:
+    """Fixed partitions of 128 / 256 tokens, and partitions that follow the context
+    (at most 8 / 16 / 32 of them, at least 64 / 128 / 256 tokens, 4 warps; 16 with 2)."""
+    fixed = [DecodeTuning(p, 64) for p in (128, 256)]
+    follow = [DecodeTuning(2048, 64, max_partitions=m, min_partition=lo)
+              for m in (8, 16, 32) for lo in (64, 128, 256)]
+    return fixed + follow + [DecodeTuning(2048, 64, num_warps=2, max_partitions=16,
+                                          min_partition=128)]
 
 
 def time_sdpa(contig: list, qs: list, scale: float) -> dict:
@@ -114,13 +152,13 @@ def time_reads(kv_bytes: int, kernel: dict) -> float:
     return ms(graph_of(reads).replay) / LAYERS
 
 
-def chain_case(length: int, copy_bw: float) -> dict:
+def chain_case(length: int, copy_bw: float, width_tokens: int, tunings: list) -> dict:
     """One context length: our decode, SDPA and the read floor, ``LAYERS`` launches each."""
     scale = D ** -0.5
     qs = [torch.randn(1, HQ, D, device=DEV, dtype=torch.bfloat16) for _ in range(LAYERS)]
     ctx = torch.tensor([length], dtype=torch.int32, device=DEV)
     kv_bytes = length * HKV * D * 2 * 2  # per layer
-    ours = time_ours(length, qs, ctx, scale)
+    ours = time_ours(length, qs, ctx, scale, width_tokens, tunings)
     errs = []
     for (kc, vc), q, o in zip(ours["contig"], qs, ours["outs"], strict=True):
         ref = F.scaled_dot_product_attention(q.view(1, HKV, HQ // HKV, D), kc, vc, scale=scale)
@@ -134,7 +172,8 @@ def chain_case(length: int, copy_bw: float) -> dict:
     tbps = kv_bytes / chain_ms / 1e9
     return {
         "context": length, "kv_bytes_per_layer": kv_bytes, "layers": LAYERS,
-        "tuning": str(ours["tuning"]), "copy_tbps": copy_bw,
+        "tuning": str(ours["tuning"]), "table_tokens": ours["table_tokens"],
+        "copy_tbps": copy_bw, "swept": ours["swept"],
         "chain_ms_per_layer": chain_ms, "chain_tbps": tbps, "chain_ratio_copy": tbps / copy_bw,
         "sdpa_chain_ms_per_layer": sdpa_ms, "sdpa_chain_tbps": kv_bytes / sdpa_ms / 1e9,
         "sdpa_detail": sdpa_detail, "ratio_sdpa": sdpa_ms / chain_ms,
@@ -150,14 +189,18 @@ def chain_case(length: int, copy_bw: float) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--lens", type=int, nargs="+", default=[1024, 4096, 16384])
+    ap.add_argument("--lens", type=int, nargs="+", default=[256, 1024, 4096, 16384])
+    ap.add_argument("--table-tokens", type=int, default=8192,
+                    help="block-table width in tokens, as an engine's max_model_len")
+    ap.add_argument("--sweep", action="store_true", help="also time sweep_tunings()")
     ap.add_argument("--rev", default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
     copy_bw = copy_bandwidth()
     rows = []
     for length in args.lens:
-        row = chain_case(length, copy_bw)
+        row = chain_case(length, copy_bw, args.table_tokens,
+                         sweep_tunings() if args.sweep else [])
         rows.append(row)
         print(f"B=1 x {length}: {row['chain_ms_per_layer'] * 1e3:.2f} us/layer in a chain = "
               f"{row['chain_tbps']:.2f} TB/s ({row['chain_ratio_copy']:.2f}x copy "
@@ -166,9 +209,12 @@ def main():
               f" TB/s; single launch {row['single_launch_graph_ms'] * 1e3:.1f} us "
               f"({row['single_launch_tbps']:.2f} TB/s); err {row['max_rel_err_vs_sdpa']:.1e}",
               flush=True)
+        for r in row["swept"][:4]:
+            print(f"   {r['chain_ms'] * 1e3:.2f} us {r['tuning']}", flush=True)
     result = {
         "command": "python3 bench/decode_chain_h200.py " + " ".join(
-            ["--lens", *map(str, args.lens)]),
+            ["--lens", *map(str, args.lens), "--table-tokens", str(args.table_tokens)]
+            + (["--sweep"] if args.sweep else [])),
         "git_revision": git_rev(args.rev), "gpu": torch.cuda.get_device_name(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "copy_bandwidth_TB_s": copy_bw, "shape": {"q_heads": HQ, "kv_heads": HKV, "head_dim": D,
