@@ -227,7 +227,7 @@ def bench_decode(name, lens, sweep, copy_bw, grid=None):
     q = torch.randn(n, HQ, D, device=DEV, dtype=dtype)
     ctx = torch.tensor(lens, dtype=torch.int32, device=DEV)
     out = torch.empty_like(q)
-    ws = DecodeWorkspace.allocate(n, HQ, HKV, D, -(-tables.shape[1] * BS // 128), DEV)
+    ws = DecodeWorkspace.allocate(n, HQ, HKV, D, -(-tables.shape[1] * BS // 64), DEV)
     scale = D ** -0.5
     kv_bytes = sum(lens) * HKV * D * 2 * 2
     t = ms(lambda: paged_decode_attention(q, k, v, tables, ctx, scale, out=out, workspace=ws))
