@@ -19,8 +19,7 @@ writes the output (``fused_reduce``), or a second kernel merges them.
 
 For a few sequences the partition size follows each context on the device
 (``DecodeTuning.max_partitions``): a short context is cut into a few partitions, a
-long one into about as many as keep the GPU busy, from the same grid. The first
-tile's K/V and block ids are loaded before waiting on the kernel ahead (PDL).
+long one into about as many as keep the GPU busy, from the same grid.
 
 No host syncs: the grid comes from tensor shapes only (``block_tables.shape[1]``
 bounds every context), so a launch can be captured in a CUDA graph.
@@ -155,20 +154,6 @@ def _partition_size(ctx, partition_size, max_parts, min_part, BLOCK_N: tl.conste
 
 
 @triton.jit
-def _attend(q, k, v, t_mask, m_i, l_i, acc, qk_scale, DOT_PRECISION: tl.constexpr):
-    """One tile of online softmax: fold keys ``k`` / values ``v`` ``[BLOCK_N, BLOCK_D]``
-    (rows where ``t_mask`` is false left out) into the running max, sum and output."""
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N]
-    s = tl.where(t_mask[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return m_new, l_i, acc
-
-
-@triton.jit
 def _merge_partials(out_ptr, m_ptr, l_ptr, acc_ptr, first, num_valid, seq, kv_head,
                     stride_on, stride_oh,
                     GROUP: tl.constexpr, BLOCK_GR: tl.constexpr,
@@ -228,9 +213,9 @@ def _decode_kernel(
     num_kv_heads = tl.num_programs(0)
     num_parts = tl.num_programs(1)
 
-    # The length and the first tile's block ids are loaded before the length check,
-    # and under PDL before waiting for the kernel ahead: they are the step's inputs
-    # (copied in before it), not what that kernel writes. A partition
+    # The length and the first tile's block ids are loaded together, before the
+    # length check, and under PDL before waiting for the kernel ahead: they are the
+    # step's inputs (copied in before it), not what that kernel writes. A partition
     # past its context so exits without waiting (most of them, when the grid is sized
     # for a long max_model_len and the context is short). q is loaded after the wait
     # (the kernel ahead writes it). The first block ids are masked by the table width
@@ -254,44 +239,34 @@ def _decode_kernel(
                   other=0).to(tl.int64)
     if start >= ctx:
         return
-    end = tl.minimum(start + partition_size, ctx)
-    # The first tile's K and V too, when it ends before the newest token (ctx - 1,
-    # the only position of this sequence the kernel ahead, RoPE + KV store, writes):
-    # under PDL those loads overlap that kernel's tail.
-    t_mask = toks < end
-    kv_off = (blk * stride_kb + (toks % KV_BLOCK) * stride_kt + kv_head * stride_kh)[:, None] \
-        + offs_d[None, :]  # [BLOCK_N, BLOCK_D]; V has K's strides
-    kv_mask = t_mask[:, None] & d_mask[None, :]
-    early = start + BLOCK_N < ctx
-    early_mask = kv_mask & ((start + BLOCK_N + offs_n * 0) < ctx)[:, None]  # all rows: early
-    k = tl.load(k_ptr + kv_off, mask=early_mask, other=0.0)
-    v = tl.load(v_ptr + kv_off, mask=early_mask, other=0.0)
-    toks = toks + BLOCK_N
-    blk = tl.load(table + toks // KV_BLOCK, mask=toks < end, other=0).to(tl.int64)
     pdl_enter(PDL)
     q = tl.load(q_ptr + seq * stride_qn + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=gd_mask, other=0.0)
+    end = tl.minimum(start + partition_size, ctx)
     q = q.to(k_ptr.dtype.element_ty)  # [BLOCK_G, BLOCK_D]
-    if not early:
-        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    m_i, l_i, acc = _attend(q, k, v, t_mask, m_i, l_i, acc, qk_scale, DOT_PRECISION)
     # The block ids of the next tile are loaded beside this tile's K and V, so a tile
     # costs one memory round trip, not two (block id, then the KV it names).
-    for _ in range(start + BLOCK_N, end, BLOCK_N):
+    for _ in range(start, end, BLOCK_N):
         t_mask = toks < end
         kv_off = (blk * stride_kb + (toks % KV_BLOCK) * stride_kt + kv_head * stride_kh)[:, None] \
-            + offs_d[None, :]
+            + offs_d[None, :]  # [BLOCK_N, BLOCK_D]; V has K's strides
         kv_mask = t_mask[:, None] & d_mask[None, :]
         k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
         v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
         toks_next = toks + BLOCK_N
         blk = tl.load(table + toks_next // KV_BLOCK, mask=toks_next < end, other=0).to(tl.int64)
-        m_i, l_i, acc = _attend(q, k, v, t_mask, m_i, l_i, acc, qk_scale, DOT_PRECISION)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N]
+        s = tl.where(t_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
         toks = toks_next
 
     if SPLIT:
@@ -367,12 +342,10 @@ def paged_decode_attention(
     """See ``reference.paged_decode_attention``. Pure but for ``out``/``workspace``.
 
     No host sync; the returned tensor is ready when the launching stream is. Under PDL
-    (``pdl.use_pdl``) ``block_tables``, ``context_lens`` and each sequence's cached K/V
-    before its newest token (position ``context_lens[i] - 1``) are read before the
-    kernel ahead on the stream has finished: that kernel must not write them (the
-    decode step's RoPE + KV store writes only the newest token; inputs copied in
-    before the step are fine; torch's kernels and copies, launched without PDL,
-    always finish first).
+    (``pdl.use_pdl``) ``block_tables`` and ``context_lens`` are read before the kernel
+    ahead on the stream has finished: they must not be written by that kernel (a
+    step's inputs copied in before its first kernel are fine; torch's kernels and
+    copies, launched without PDL, always finish first).
     """
     n, hq, d = query.shape
     _, bs, hkv, _ = k_cache.shape
