@@ -47,6 +47,7 @@ from pdserve.bench.kernels_h200 import (
     paged,
     rel_err,
 )
+from pdserve.bench.read_floor import _graph_of as graph_of
 from pdserve.bench.read_floor import _read_kernel, read_floor
 from pdserve.kernels.triton_decode import (
     DecodeTuning,
@@ -56,15 +57,6 @@ from pdserve.kernels.triton_decode import (
 )
 
 LAYERS = 32
-
-
-def graph_of(fn) -> torch.cuda.CUDAGraph:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
 
 
 def engine_tables(length: int, width_tokens: int) -> tuple:
