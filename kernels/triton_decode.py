@@ -18,8 +18,7 @@ writes the output (``fused_reduce``), or a second kernel merges them.
                   the others write partials, the last to finish merges them
 
 For a few sequences the partition size follows each context on the device
-(``DecodeTuning.max_partitions``): a short context is cut into a few partitions, a
-long one into about as many as keep the GPU busy, from the same grid.
+(``DecodeTuning.max_partitions``): few partitions for a short context, more for a long one.
 
 No host syncs: the grid comes from tensor shapes only (``block_tables.shape[1]``
 bounds every context), so a launch can be captured in a CUDA graph.
@@ -52,9 +51,8 @@ class DecodeTuning:
     num_warps: int = 4
     num_stages: int = 3
     fused_reduce: bool = True
-    # > 0: each sequence's partitions follow its own context on the device: at most
-    # ``max_partitions`` of them (fewer when the cap binds), each a multiple of
-    # ``block_n`` tokens, at least ``min_partition``, at most ``partition_size``
+    # > 0: partitions follow each context on the device: at most max_partitions (unless
+    # partition_size, the cap, binds), multiples of block_n, at least min_partition
     max_partitions: int = 0
     min_partition: int = 64
 
@@ -90,10 +88,9 @@ def default_tuning(num_seqs: int, num_kv_heads: int, max_blocks: int, block_size
             size = -(-max_tokens // 64) * 64
         return DecodeTuning(partition_size=size, block_n=64, num_stages=2)
     if device.type == "cuda" and num_seqs * num_kv_heads <= SMALL_BATCH_ROWS:
-        # A few sequences: partitions follow each context on the device, about
-        # FOLLOW_PROGRAMS programs at long contexts (H200, batch 1, 32 launches in a
-        # chain, tables for 8192 tokens: 1024 tokens 7.6 us against 10.0 with fixed
-        # 256-token partitions, 16384 tokens 25.8 us against 38.5; 256 tokens 6.7 us
+        # A few sequences: partitions follow each context on the device (H200, B=1, 32
+        # launches in a chain, 8192-token tables: 1024 tokens 7.6 us against 10.0 with
+        # fixed 256-token partitions, 16384 tokens 25.8 against 38.5, 256 tokens 6.7
         # either way; results/decode_chain_h200_sweep_d55a15f.json).
         return DecodeTuning(partition_size=2048, block_n=64,
                             max_partitions=-(-FOLLOW_PROGRAMS // (num_seqs * num_kv_heads)),
@@ -143,9 +140,8 @@ class DecodeWorkspace:
 @triton.jit
 def _partition_size(ctx, partition_size, max_parts, min_part, BLOCK_N: tl.constexpr,
                     ADAPTIVE: tl.constexpr):
-    """Tokens per partition for a context of ``ctx``: fixed, or (``ADAPTIVE``) enough
-    that ``max_parts`` partitions cover it, rounded up to ``BLOCK_N``, within
-    ``[min_part, partition_size]``."""
+    """Tokens per partition for ``ctx``: fixed, or (``ADAPTIVE``) ``ctx / max_parts``
+    rounded up to ``BLOCK_N``, within ``[min_part, partition_size]``."""
     if ADAPTIVE:
         size = tl.cdiv(tl.cdiv(ctx, max_parts), BLOCK_N) * BLOCK_N
         return tl.minimum(tl.maximum(size, min_part), partition_size)
@@ -213,14 +209,14 @@ def _decode_kernel(
     num_kv_heads = tl.num_programs(0)
     num_parts = tl.num_programs(1)
 
-    # The length and the first tile's block ids are loaded together, before the
-    # length check, and under PDL before waiting for the kernel ahead: they are the
-    # step's inputs (copied in before it), not what that kernel writes. A partition
-    # past its context so exits without waiting (most of them, when the grid is sized
-    # for a long max_model_len and the context is short). q is loaded after the wait
-    # (the kernel ahead writes it). The first block ids are masked by the table width
-    # (from shapes), not the context: entries past a context may be any id, and are
-    # only used under the K/V masks below, which do use the context.
+    # The length and the first tile's block ids are loaded before the length check,
+    # and under PDL before waiting for the kernel ahead: they are the step's inputs
+    # (copied in before it), not what that kernel writes, so a partition past its
+    # context exits without waiting (most of them, when the grid is sized for a long
+    # max_model_len and the context is short). Under PDL q, which the kernel ahead
+    # writes, is loaded after the wait. The first block ids are masked by the table
+    # width (from shapes), not the context: entries past a context may be any id, and
+    # are only used under the K/V masks below, which do use the context.
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
@@ -237,11 +233,14 @@ def _decode_kernel(
     toks = start + offs_n  # [BLOCK_N]
     blk = tl.load(table + toks // KV_BLOCK, mask=(toks // KV_BLOCK) < max_blocks,
                   other=0).to(tl.int64)
+    q_ptrs = q_ptr + seq * stride_qn + heads[:, None] * stride_qh + offs_d[None, :]
+    if not PDL:  # nothing to wait for: q joins the length's round trip
+        q = tl.load(q_ptrs, mask=gd_mask, other=0.0)
     if start >= ctx:
         return
     pdl_enter(PDL)
-    q = tl.load(q_ptr + seq * stride_qn + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=gd_mask, other=0.0)
+    if PDL:
+        q = tl.load(q_ptrs, mask=gd_mask, other=0.0)
     end = tl.minimum(start + partition_size, ctx)
     q = q.to(k_ptr.dtype.element_ty)  # [BLOCK_G, BLOCK_D]
 
