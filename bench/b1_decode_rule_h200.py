@@ -23,7 +23,13 @@ import torch
 import triton
 
 from pdserve.bench.common import write_result
-from pdserve.bench.engine_h200 import copy_bandwidth, engine_steps, make_model_dir, random_prompt
+from pdserve.bench.engine_h200 import (
+    batch1_llm,
+    bytes_read_per_step,
+    copy_bandwidth,
+    engine_steps,
+    random_prompt,
+)
 from pdserve.kernels import triton_decode
 
 ORIGINAL = triton_decode.default_tuning
@@ -64,18 +70,14 @@ def batch1_step_ms(eng, rng: random.Random) -> float:
 
 
 def main() -> None:
-    from pdserve import LLM, SamplingParams
+    from pdserve import SamplingParams
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
     bw = copy_bandwidth()
-    llm = LLM(str(make_model_dir()), extra={"load_format": "dummy"}, max_model_len=8192,
-              max_num_seqs=1, max_num_batched_tokens=2048)
-    eng = llm.engine
-    read_bytes = sum(p.numel() * p.element_size() for p in eng.model.parameters()) \
-        - eng.model.embed_tokens.weight.numel() * 2
-    floor_ms = read_bytes / bw * 1e3
+    eng = batch1_llm(8192).engine
+    floor_ms = bytes_read_per_step(eng) / bw * 1e3
     rng = random.Random(0)
     warm = SamplingParams(temperature=0, ignore_eos=True, max_tokens=8, skip_special_tokens=False)
     engine_steps(eng, [warm], [random_prompt(rng, 128)])

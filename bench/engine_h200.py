@@ -67,6 +67,23 @@ def make_model_dir() -> Path:
     return d
 
 
+def bytes_read_per_step(eng) -> int:
+    """Weight bytes a decode step reads: every parameter but the embedding table (a
+    step gathers only its rows). Pure."""
+    model = eng.model
+    return sum(p.numel() * p.element_size() for p in model.parameters()) \
+        - model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
+
+
+def batch1_llm(max_model_len: int):
+    """``pdserve.LLM`` on this model shape with random weights, one sequence at a time
+    (only the batch-1 decode graph is captured)."""
+    from pdserve import LLM
+
+    return LLM(str(make_model_dir()), extra={"load_format": "dummy"},
+               max_model_len=max_model_len, max_num_seqs=1, max_num_batched_tokens=2048)
+
+
 def copy_bandwidth() -> float:
     """Bytes read + written per second of a 2 GiB device-to-device copy."""
     a = torch.randn(1 << 30, device="cuda", dtype=torch.bfloat16)
@@ -199,8 +216,7 @@ def main() -> None:
     startup = time.perf_counter() - t0
     mc = eng.model_config
     weight_bytes = sum(p.numel() * p.element_size() for p in eng.model.parameters())
-    embed_bytes = eng.model.embed_tokens.weight.numel() * 2
-    read_bytes = weight_bytes - embed_bytes  # a step reads all but the embedding table
+    read_bytes = bytes_read_per_step(eng)
     kv_per_token = eng.kv_spec.bytes_per_token
     graphs = eng.runner.graphs
     RESULT["pdserve_setup"] = {

@@ -25,9 +25,10 @@ import torch
 
 from pdserve.bench.common import write_result
 from pdserve.bench.engine_h200 import (
+    batch1_llm,
+    bytes_read_per_step,
     copy_bandwidth,
     engine_steps,
-    make_model_dir,
     random_prompt,
 )
 from pdserve.kernels import triton_gemv
@@ -76,8 +77,6 @@ def parse_config(text: str) -> triton_gemv.GemvConfig:
 
 
 def main() -> None:
-    from pdserve import LLM
-
     ap = argparse.ArgumentParser()
     ap.add_argument("--extra", type=parse_config, nargs="*", default=[],
                     help="configs to try beside CONFIGS, e.g. 64,128,4,6")
@@ -85,12 +84,8 @@ def main() -> None:
     candidates = tuple(triton_gemv.CONFIGS) + tuple(args.extra)
 
     bw = copy_bandwidth()
-    llm = LLM(str(make_model_dir()), extra={"load_format": "dummy"}, max_model_len=2048,
-              max_num_seqs=1, max_num_batched_tokens=2048)
-    eng = llm.engine
-    read_bytes = sum(p.numel() * p.element_size() for p in eng.model.parameters()) \
-        - eng.model.embed_tokens.weight.numel() * 2
-    floor_ms = read_bytes / bw * 1e3
+    eng = batch1_llm(2048).engine
+    floor_ms = bytes_read_per_step(eng) / bw * 1e3
     short_run(eng, 0)  # autotunes every shape
     auto = {k: c for k, c in triton_gemv.chosen_configs().items()}
     log(f"copy {bw / 1e12:.2f} TB/s, floor {floor_ms:.3f} ms; autotuned picks: {auto}")

@@ -38,7 +38,12 @@ import torch
 from triton.testing import do_bench
 
 from pdserve.bench.common import write_result
-from pdserve.bench.engine_h200 import copy_bandwidth, make_model_dir, random_prompt
+from pdserve.bench.engine_h200 import (
+    bytes_read_per_step,
+    copy_bandwidth,
+    make_model_dir,
+    random_prompt,
+)
 
 RESULT: dict = {}
 
@@ -182,8 +187,7 @@ def main() -> None:
     llm = LLM(str(make_model_dir()), extra={"load_format": "dummy"}, max_model_len=8192,
               max_num_seqs=64, max_num_batched_tokens=8192)
     eng = llm.engine
-    weight_bytes = sum(p.numel() * p.element_size() for p in eng.model.parameters())
-    read_bytes = weight_bytes - eng.model.embed_tokens.weight.numel() * 2
+    read_bytes = bytes_read_per_step(eng)
     RESULT["weight_bytes_read_per_step"] = read_bytes
     from pdserve.engine.sampler import PendingSample
 
