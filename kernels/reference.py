@@ -265,3 +265,15 @@ def linear(
     ``triton_gemv.gemv`` (which accumulates in float32 and rounds once to x's dtype).
     Pure: returns a new tensor."""
     return torch.nn.functional.linear(x, weight, bias)
+
+
+def rms_norm(
+    x: torch.Tensor,  # [M, K]
+    weight: torch.Tensor,  # [K]
+    eps: float,
+) -> torch.Tensor:  # [M, K]
+    """RMSNorm rounded as the CUDA kernels round it: normalise in float32, round to
+    x's dtype, multiply by the weight in float32, round. Pure."""
+    xf = x.float()
+    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return (weight.float() * y.float()).to(x.dtype)

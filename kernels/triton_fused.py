@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.kernels import reference
 from pdserve.kernels.pdl import pdl_enter, use_pdl
 
 
@@ -27,9 +28,7 @@ def rms_norm_reference(x, weight, eps, residual=None):
     if residual is not None:
         residual.copy_(x + residual)
         x = residual
-    xf = x.float()
-    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    return weight * y
+    return reference.rms_norm(x, weight, eps)
 
 
 def silu_and_mul_reference(gate_up):

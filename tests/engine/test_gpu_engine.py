@@ -177,3 +177,58 @@ def test_lookahead_on_graphs_equals_the_synchronous_step(model_dir):
             assert x.logprob == pytest.approx(y.logprob, abs=1e-4)
     assert [o.finish_reason for o in got][::3] == ["stop"] * len(got[::3])
     assert ahead.engine.pool.num_free_blocks == 512 and not ahead.engine.has_unfinished()
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["llama", "qkv_bias"])
+def test_fused_norm_layers_match_the_unfused_layers(bias):
+    """bf16, decode-sized batches: the layers with each RMSNorm inside the next GEMV and
+    each residual add in the GEMV before it (``forward_fused``) against the unfused
+    layers on the same weights: a 6-token prefill, then a decode step of 2 sequences;
+    hidden states and every stored K/V within bf16 rounding of each other (the norm's
+    sum of squares is taken in another order)."""
+    from pdserve.engine.attention_metadata import AttentionMetadata
+    from pdserve.engine.config import ModelConfig
+    from pdserve.engine.llama import LlamaForCausalLM as Ours
+
+    cfg = ModelConfig("llama", 1000, 512, 1536, 3, 8, 2, 64, 1e-5, 10000.0,
+                      (("rope_type", "default"),), False, bias, 2048, (2,))
+    torch.manual_seed(0)
+    model = Ours(cfg, 2048).cuda()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+        for n, p in model.named_parameters():
+            if "layernorm" in n or n == "norm.weight":
+                p.uniform_(0.5, 1.5)
+    model = model.to(torch.bfloat16)
+    i32 = {"dtype": torch.int32, "device": "cuda"}
+
+    def run(fused):
+        model.fuse_norms = fused
+        caches = [(torch.zeros(8, 16, 2, 64, dtype=torch.bfloat16, device="cuda"),
+                   torch.zeros(8, 16, 2, 64, dtype=torch.bfloat16, device="cuda"))
+                  for _ in range(cfg.num_layers)]
+        empty = torch.zeros(0, 1, **i32)
+        prefill = AttentionMetadata(torch.tensor([16, 17, 18, 19, 20, 21], device="cuda"), 0,
+                                    empty, torch.zeros(0, **i32), torch.tensor([[1]], **i32),
+                                    torch.tensor([0, 6], **i32), torch.tensor([6], **i32))
+        ids = torch.tensor([5, 17, 300, 2, 999, 41], device="cuda")
+        with torch.no_grad():
+            h1 = model(ids, torch.arange(6, device="cuda"), caches, prefill)
+            decode = AttentionMetadata(torch.tensor([22, 50], device="cuda"), 2,
+                                       torch.tensor([[1], [3]], **i32),
+                                       torch.tensor([7, 3], **i32), torch.zeros(0, 1, **i32),
+                                       torch.zeros(1, **i32), torch.zeros(0, **i32))
+            h2 = model(torch.tensor([7, 8], device="cuda"), torch.tensor([6, 2], device="cuda"),
+                       caches, decode)
+        return h1, h2, caches
+
+    assert model.fuses_norms(torch.zeros(6, 512, dtype=torch.bfloat16, device="cuda"))
+    fused, plain = run(True), run(False)
+    for a, b in zip(fused[:2], plain[:2], strict=True):
+        assert a.shape == b.shape and not a.isnan().any()
+        assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 2e-2
+    for (ka, va), (kb, vb) in zip(fused[2], plain[2], strict=True):
+        for a, b in ((ka, kb), (va, vb)):
+            assert torch.allclose(a.float(), b.float(), atol=3e-2, rtol=3e-2)
+            assert a[1, :7].abs().sum() > 0 and a[3, :3].abs().sum() > 0  # stored
