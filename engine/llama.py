@@ -176,9 +176,10 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    # decode-sized CUDA batches take DecoderLayer.forward_fused (False: the unfused
-    # layers everywhere, for comparisons)
-    fuse_norms = True
+    # True: decode-sized CUDA batches take DecoderLayer.forward_fused. Off: at cee9ebb
+    # it made the H200's batch-1 step 5.31 ms against 4.25-4.31 unfused (the norm's work
+    # inside the GEMV's K loop); kept for measuring its variants
+    fuse_norms = False
 
     def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
         super().__init__()
