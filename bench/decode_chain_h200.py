@@ -102,13 +102,16 @@ def time_ours(length: int, qs: list, ctx: torch.Tensor, scale: float, width_toke
 
 
 def sweep_tunings() -> list:
-    """Fixed partitions of 128 / 256 tokens, and partitions that follow the context
-    (at most 8 / 16 / 32 of them, at least 64 / 128 / 256 tokens, 4 warps; 16 with 2)."""
-    fixed = [DecodeTuning(p, 64) for p in (128, 256)]
-    follow = [DecodeTuning(2048, 64, max_partitions=m, min_partition=lo)
-              for m in (8, 16, 32) for lo in (64, 128, 256)]
-    return fixed + follow + [DecodeTuning(2048, 64, num_warps=2, max_partitions=16,
-                                          min_partition=128)]
+    """Partitions that follow the context around the one launch that reached 1.5 TB/s
+    at 4096 tokens in the d55a15f sweep (2 warps, at most 16 partitions of at least 128
+    tokens): 2 warps with at most 16 / 32 partitions of at least 64 / 128 tokens, 32- or
+    64-token steps, 2-4 stages; 4 warps with 32- and 128-token steps; 8 warps with
+    128."""
+    two = [DecodeTuning(2048, bn, num_warps=2, num_stages=st, max_partitions=mp,
+                        min_partition=lo)
+           for mp in (16, 32) for lo in (64, 128) for bn in (32, 64) for st in (2, 3, 4)]
+    return two + [DecodeTuning(2048, bn, num_warps=w, max_partitions=16)
+                  for bn, w in ((32, 4), (128, 4), (128, 8))]
 
 
 def time_sdpa(contig: list, qs: list, scale: float) -> dict:

@@ -119,9 +119,9 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, tickets_ptr, nw_ptr, e
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
                  SPLIT_K: tl.constexpr, PDL: tl.constexpr, GLU: tl.constexpr = False,
-                 NORM: tl.constexpr = False, ADD: tl.constexpr = False):
+                 NORM: tl.constexpr = 0, ADD: tl.constexpr = False, NORM_KP: tl.constexpr = 16):
     pdl_enter(PDL)
-    if NORM:  # each row's 1 / rms over all of K (every program, every split)
+    if NORM == 1:  # each row's 1 / rms over all of K (every program, every split)
         inv = _rms_inv(x_ptr, stride_xm, M, K, eps)
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -151,6 +151,7 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, tickets_ptr, nw_ptr, e
         xt_ptrs += k_start
         nw_ptrs += k_start
     acc = tl.zeros([BLOCK_N, 16], tl.float32)
+    ss = tl.zeros([16], tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         k_mask = (k0 + offs_k) < k_end
         if EVEN_K:
@@ -159,7 +160,10 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, tickets_ptr, nw_ptr, e
         else:
             w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
             xt = tl.load(xt_ptrs, mask=m_mask[None, :] & k_mask[:, None], other=0.0)
-        if NORM:  # RMSNorm on load, rounded as triton_fused.rms_norm rounds
+        if NORM == 3:
+            xf = xt.to(tl.float32)
+            ss += tl.sum(xf * xf, 0)
+        if NORM == 1:  # RMSNorm on load, rounded as triton_fused.rms_norm rounds
             if EVEN_K:
                 g = tl.load(nw_ptrs).to(tl.float32)
             else:
@@ -186,16 +190,36 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, tickets_ptr, nw_ptr, e
             for s in tl.static_range(SPLIT_K):
                 acc += tl.load(ws_ptr + s * M * N + tile, mask=ws_mask, other=0.0,
                                cache_modifier=".cg")
+            acc = _row_scale(acc, ss, x_ptr, stride_xm, M, K, eps, NORM, NORM_KP)
             if HAS_BIAS:
                 acc += bias[:, None]
             _store(acc, out_ptr, out_ptrs, out_mask, offs_m, m_mask, stride_om, pid, N,
                    BLOCK_N, GLU, ADD)
             tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # for the next launch
     else:
+        acc = _row_scale(acc, ss, x_ptr, stride_xm, M, K, eps, NORM, NORM_KP)
         if HAS_BIAS:
             acc += bias[:, None]
         _store(acc, out_ptr, out_ptrs, out_mask, offs_m, m_mask, stride_om, pid, N, BLOCK_N,
                GLU, ADD)
+
+
+@triton.jit
+def _row_scale(acc, ss, x_ptr, stride_xm, M, K, eps, NORM: tl.constexpr, KP: tl.constexpr):
+    """``acc`` with column m times 1 / rms(x[m]) (NORM 2: rows read now, all at once;
+    NORM 3: from ``ss``, the squares summed in the K loop); as is for NORM 0 and 1."""
+    if NORM == 2:
+        offs_m = tl.arange(0, 16)
+        offs = tl.arange(0, KP)
+        inv = tl.zeros([16], tl.float32)
+        for m in tl.static_range(8):
+            live = (offs < K) & (tl.full([KP], m, tl.int32) < M)
+            v = tl.load(x_ptr + m * stride_xm + offs, mask=live, other=0.0).to(tl.float32)
+            inv = tl.where(offs_m == m, tl.rsqrt(tl.sum(v * v, 0) / K + eps), inv)
+        acc = acc * inv[None, :]
+    if NORM == 3:
+        acc = acc * tl.rsqrt(ss / K + eps)[None, :]
+    return acc
 
 
 @triton.jit
@@ -337,12 +361,13 @@ def _config_for(n: int, k: int, x: torch.Tensor, weight: torch.Tensor) -> GemvCo
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             out: torch.Tensor, config: GemvConfig | None, norm_weight: torch.Tensor | None,
-            eps: float, glu: bool, add: bool) -> torch.Tensor:
+            eps: float, glu: bool, add: bool, rms_scale: int = 0) -> torch.Tensor:
     m, k = x.shape
     n = weight.shape[0]
     if config is None:
         config = _config_for(n, k, x, weight)
     assert not glu or config.block_n % 2 == 0
+    assert rms_scale != 3 or config.split_k == 1
     if norm_weight is not None:
         assert norm_weight.shape == (k,) and norm_weight.stride(0) == 1, "norm weight is [K]"
     partials, tickets = _workspace(x.device, m, n)
@@ -352,14 +377,15 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         weight.stride(0), out.stride(0), BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         HAS_BIAS=bias is not None, EVEN_K=_even_k(k, config.block_k, config.split_k),
         SPLIT_K=config.split_k, num_warps=config.num_warps, num_stages=config.num_stages,
-        PDL=use_pdl(x), launch_pdl=use_pdl(x), GLU=glu, NORM=norm_weight is not None, ADD=add)
+        PDL=use_pdl(x), launch_pdl=use_pdl(x), GLU=glu, ADD=add,
+        NORM=1 if norm_weight is not None else rms_scale, NORM_KP=triton.next_power_of_2(k))
     return out
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          out: torch.Tensor | None = None, config: GemvConfig | None = None, *,
          norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-         accumulate: bool = False) -> torch.Tensor:
+         accumulate: bool = False, rms_scale: int = 0) -> torch.Tensor:
     """``x @ weight^T (+ bias)``: x ``[M, K]`` (1 <= M <= 8), weight ``[N, K]`` with
     stride 1 along K, bias ``[N]``, all one dtype (bf16 or fp16); fp32 accumulation.
     Writes ``out`` ``[M, N]`` (allocated when None; its last stride must be 1) and
@@ -381,12 +407,13 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     assert out.shape == (m, n) and out.stride(1) == 1
-    return _launch(x, weight, bias, out, config, norm_weight, eps, glu=False, add=accumulate)
+    return _launch(x, weight, bias, out, config, norm_weight, eps, glu=False, add=accumulate,
+                   rms_scale=rms_scale)
 
 
 def gemv_glu(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
              config: GemvConfig | None = None, *, norm_weight: torch.Tensor | None = None,
-             eps: float = 0.0) -> torch.Tensor:
+             eps: float = 0.0, rms_scale: int = 0) -> torch.Tensor:
     """``silu(x @ gate^T) * (x @ up^T)`` where ``weight`` ``[2I, K]`` is ``[gate; up]``
     (the fused gate/up projection), x ``[M, K]`` as for ``gemv``; the same bits as
     ``silu_and_mul(gemv(x, weight))``; ``norm_weight``/``eps`` as for ``gemv``. Writes
@@ -401,4 +428,5 @@ def gemv_glu(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = N
     if out is None:
         out = torch.empty(m, n // 2, dtype=x.dtype, device=x.device)
     assert out.shape == (m, n // 2) and out.stride(1) == 1
-    return _launch(x, weight, None, out, config, norm_weight, eps, glu=True, add=False)
+    return _launch(x, weight, None, out, config, norm_weight, eps, glu=True, add=False,
+                   rms_scale=rms_scale)
