@@ -6,11 +6,8 @@ and gate/up projections are fused; ``load_weights`` maps HF names onto them.
 No transformers code runs in the forward pass. On CUDA the element-wise
 work runs as fused Triton kernels (``kernels.triton_fused``): residual add +
 RMSNorm, RoPE + KV store, SiLU * up; the residual stream is passed between
-layers so that its add folds into the next norm. Decode-sized CUDA batches (1-8
-rows, bf16/fp16) go further (``DecoderLayer.forward_fused``): each norm runs
-inside the GEMV after it and each residual add in the GEMV before it, six kernels
-a layer. The linear layers are ``engine.linear.Linear``: ``nn.Linear`` with a
-faster GEMM call on the CPU.
+layers so that its add folds into the next norm. The linear layers are
+``engine.linear.Linear``: ``nn.Linear`` with a faster GEMM call on the CPU.
 """
 
 from collections.abc import Callable
@@ -75,18 +72,10 @@ class Attention(nn.Module):
                 rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None):
         """``rope_tables``: the step's ``rope.tables(positions, dtype)``, taken once for
         every layer (CPU); None: looked up here."""
-        out = self.attend(self.qkv_proj(x), positions, rope, k_cache, v_cache, meta,
-                          rope_tables)
-        return self.o_proj(out)
-
-    def attend(self, qkv, positions, rope, k_cache, v_cache, meta: AttentionMetadata,
-               rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None):
-        """From the projected ``qkv`` ``[T, (Hq + 2 Hkv) D]`` (mutated: q and k rotated
-        in place): store K/V into the caches (mutated) and return the attention output
-        ``[T, Hq D]``, before ``o_proj``."""
-        t = qkv.shape[0]
+        t = x.shape[0]
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        if qkv.is_cuda:  # rotates q in place, stores rotated k and v
+        qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) D]
+        if x.is_cuda:  # rotates q in place, stores rotated k and v
             from pdserve.kernels.triton_fused import rope_store_kv
 
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -97,7 +86,7 @@ class Attention(nn.Module):
                           meta.slot_mapping)
         else:
             qk = qkv[:, :self.q_size + self.kv_size].view(t, hq + hkv, d)  # [T, Hq + Hkv, D]
-            rotate_(qk, *(rope_tables or rope.tables(positions, qkv.dtype)))  # q, k in place
+            rotate_(qk, *(rope_tables or rope.tables(positions, x.dtype)))  # q, k in place
             q, k = qk[:, :hq], qk[:, hq:]
             v = qkv[:, self.q_size + self.kv_size:].view(t, hkv, d)
             kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
@@ -118,7 +107,7 @@ class Attention(nn.Module):
             out[nd:] = kernels.paged_prefill_attention(
                 q[nd:], k_cache, v_cache, meta.prefill_block_tables,
                 meta.prefill_query_start_loc, meta.prefill_context_lens, self.scale)
-        return out.reshape(t, self.q_size)
+        return self.o_proj(out.reshape(t, self.q_size))
 
 
 class MLP(nn.Module):
@@ -158,29 +147,8 @@ class DecoderLayer(nn.Module):
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
-    def forward_fused(self, stream, positions, rope, k_cache, v_cache, meta) -> None:
-        """The layer for a decode-sized CUDA batch (``LlamaForCausalLM.fuses_norms``):
-        each RMSNorm runs inside the GEMV after it, and each residual add in the
-        epilogue of the GEMV before it (o_proj, down_proj), so the layer is six
-        kernels. ``stream`` ``[T, H]``, the residual stream, is mutated in place into
-        the layer's output; the K/V caches are written."""
-        attn, mlp = self.self_attn, self.mlp
-        ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
-        qkv = ops.linear_small_m(stream, attn.qkv_proj.weight, attn.qkv_proj.bias,
-                                 norm=(ln1.weight, ln1.eps))
-        out = attn.attend(qkv, positions, rope, k_cache, v_cache, meta)
-        ops.linear_small_m(out, attn.o_proj.weight, add_to=stream)
-        act = ops.gate_up_silu_small_m(stream, mlp.gate_up_proj.weight,
-                                       norm=(ln2.weight, ln2.eps))
-        ops.linear_small_m(act, mlp.down_proj.weight, add_to=stream)
-
 
 class LlamaForCausalLM(nn.Module):
-    # True: decode-sized CUDA batches take DecoderLayer.forward_fused. Off: at cee9ebb
-    # it made the H200's batch-1 step 5.31 ms against 4.25-4.31 unfused (the norm's work
-    # inside the GEMV's K loop); kept for measuring its variants
-    fuse_norms = False
-
     def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
         super().__init__()
         self.cfg = cfg
@@ -201,13 +169,6 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:  # [T, hidden]
         """Run the decoder; writes every token's K/V into the cache (mutates kv_caches)."""
         x = self.embed_tokens(input_ids)
-        if self.fuses_norms(x):
-            for i, layer in enumerate(self.layers):
-                k_cache, v_cache = kv_caches[i]
-                layer.forward_fused(x, positions, self.rope, k_cache, v_cache, meta)
-                if layer_hook is not None:
-                    layer_hook(i)
-            return self.norm(x)
         residual = None
         tables = None if x.is_cuda else self.rope.tables(positions, x.dtype)
         for i, layer in enumerate(self.layers):
@@ -217,11 +178,6 @@ class LlamaForCausalLM(nn.Module):
             if layer_hook is not None:
                 layer_hook(i)
         return self.norm(x, residual)[0]
-
-    def fuses_norms(self, x: torch.Tensor) -> bool:
-        """Whether ``forward`` on embeddings ``x`` takes the fused layers: ``fuse_norms``
-        and the Triton GEMV takes these rows (CUDA, 1..8 rows, bf16/fp16). Pure."""
-        return self.fuse_norms and ops.can_gemv(x, self.layers[0].self_attn.qkv_proj.weight)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # [N, V]

@@ -132,35 +132,25 @@ def can_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and _use_triton(x))
 
 
-def linear_small_m(x, weight, bias=None, *, norm=None, add_to=None):
+def linear_small_m(x, weight, bias=None):
     """See ``reference.linear``: ``x @ weight^T + bias`` for decode-sized ``x``
     (``[M, K]``, M <= 8); the Triton GEMV (``triton_gemv.gemv``) when ``can_gemv``,
-    else the reference. ``norm`` ``(weight [K], eps)``: of ``reference.rms_norm(x,
-    *norm)`` instead of x. ``add_to`` ``[M, N]`` (not overlapping x): the result is
-    rounded, added into it (mutated) and it is returned; otherwise a new ``[M, N]``."""
+    else the reference. Returns a new ``[M, N]`` tensor."""
     if can_gemv(x, weight):
         from pdserve.kernels.triton_gemv import gemv
 
-        nw, eps = norm if norm is not None else (None, 0.0)
-        return gemv(x, weight, bias, out=add_to, norm_weight=nw, eps=eps,
-                    accumulate=add_to is not None)
-    y = reference.linear(x if norm is None else reference.rms_norm(x, *norm), weight, bias)
-    if add_to is None:
-        return y
-    return add_to.copy_((y.float() + add_to.float()).to(add_to.dtype))
+        return gemv(x, weight, bias)
+    return reference.linear(x, weight, bias)
 
 
-def gate_up_silu_small_m(x, weight, *, norm=None):
+def gate_up_silu_small_m(x, weight):
     """``silu(x @ gate^T) * (x @ up^T)`` for decode-sized ``x`` (``[M, K]``, M <= 8) and
     a fused gate/up ``weight`` ``[2I, K]`` (gate rows first): one Triton GEMV with the
     activation in its epilogue (``triton_gemv.gemv_glu``) when ``can_gemv``, else the
-    reference; ``norm`` as for ``linear_small_m``. Returns a new ``[M, I]`` tensor."""
+    reference. Returns a new ``[M, I]`` tensor."""
     if can_gemv(x, weight):
         from pdserve.kernels.triton_gemv import gemv_glu
 
-        nw, eps = norm if norm is not None else (None, 0.0)
-        return gemv_glu(x, weight, norm_weight=nw, eps=eps)
-    if norm is not None:
-        x = reference.rms_norm(x, *norm)
+        return gemv_glu(x, weight)
     gate, up = reference.linear(x, weight).chunk(2, dim=-1)
     return torch.nn.functional.silu(gate) * up

@@ -17,15 +17,14 @@ The tile times x^T, padded to 16 columns, runs on the tensor cores; ``num_stages
 pipelines the W tiles through shared memory (cp.async), so several tiles per program
 are in flight. Padding rows of x are masked (never read).
 
-Split-K (``split_k`` > 1): the grid is (N tiles, splits); each program streams
-``K / split_k`` of its rows and writes an fp32 partial to a workspace; the program that
-draws the last ticket of its N tile (a per-tile counter, left zero again) sums the
-partials in split order (deterministic), adds the bias and stores. It is for shapes
-whose N gives about one program per SM (down_proj's sm_90 pick).
+Split-K (``split_k`` > 1): the grid is (N tiles, splits); each
+program streams ``K / split_k`` of its rows and writes an fp32 partial to a workspace;
+the program that draws the last ticket of its N tile (a per-tile counter, left zero
+again) sums the partials in split order (deterministic), adds the bias and stores.
+It exists for the shapes whose N gives about one program per SM (H200, M=1: o_proj
+and down_proj at 16-32 rows per program streamed at 0.45-0.65x the copy rate, lm_head
+with 4000 programs at 1.0x; it made no measurable difference at N=4096).
 
-Fused forms for the decode layer: ``norm_weight`` multiplies W by RMSNorm(x) (each
-program sums the rows' squares itself, then normalises each x tile as it loads it);
-``accumulate`` adds the rounded result into ``out`` (the residual add).
 ``gemv_glu`` is the same stream over a fused gate/up weight ``[2I, K]`` (gate rows
 first) with ``silu(gate) * up`` in the epilogue: a program takes ``BLOCK_N / 2`` gate
 rows and the up rows of the same columns, so each output column's pair is in one
@@ -38,11 +37,15 @@ config on sm_90, measured inside the batch-1 decode graph on the H200
 isolated autotuning both favoured 16-row tiles that lose in the chain and picked
 differently from run to run (the gate/up pick alone moved the graph by 0.14 ms).
 For any other shape, the first eager call runs ``triton.autotune`` over ``CONFIGS``
-(L2 flushed between runs) and remembers its pick for every M. One config for every M
-makes the result batch-invariant: an output row is the same bits whether its x row
-came alone or with 7 others, so a seeded request samples the same tokens in any batch
-(per M-bucket picks broke that on the H200). A call inside a CUDA graph capture never
-autotunes: it uses the remembered pick, or ``default_config``. No host sync.
+(L2 flushed between runs) and remembers its pick for every
+M; later calls launch that config directly (no autotuner on the hot path). One config
+for every M makes the result batch-invariant: an output row is the same bits whether
+its x row came alone or with 7 others (each output column of a dot sums over K in an
+order that does not depend on the other columns), so a seeded request samples the
+same tokens in any batch (per M-bucket picks broke that on the H200). A call made
+while a CUDA graph is being captured never autotunes: it uses the remembered pick, or
+``default_config`` if the shape was never run eagerly. The launch has no host sync,
+so it captures as is.
 
 Public names: ``gemv``, ``gemv_glu``, ``GemvConfig``, ``CONFIGS``, ``SM90_PICKS``,
 ``preset_config``, ``default_config``, ``chosen_configs``, ``MAX_ROWS``.
@@ -114,15 +117,12 @@ def default_config(n: int, k: int) -> GemvConfig:
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, tickets_ptr, nw_ptr, eps, M, N, K,
+def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, tickets_ptr, M, N, K,
                  stride_xm, stride_wn, stride_om,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-                 SPLIT_K: tl.constexpr, PDL: tl.constexpr, GLU: tl.constexpr = False,
-                 NORM: tl.constexpr = 0, ADD: tl.constexpr = False, NORM_KP: tl.constexpr = 16):
+                 SPLIT_K: tl.constexpr, PDL: tl.constexpr, GLU: tl.constexpr = False):
     pdl_enter(PDL)
-    if NORM == 1:  # each row's 1 / rms over all of K (every program, every split)
-        inv = _rms_inv(x_ptr, stride_xm, M, K, eps)
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     # rows past N read row N - 1 (valid memory, no mask on the W stream); not stored
@@ -140,7 +140,6 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, tickets_ptr, nw_ptr, e
     offs_m = tl.arange(0, 16)  # x^T padded to the 16 columns a dot needs
     m_mask = offs_m < M
     xt_ptrs = x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None]  # [BLOCK_K, 16]
-    nw_ptrs = nw_ptr + offs_k
     k_start = 0
     k_end = K
     if SPLIT_K > 1:  # this program's share of K, whole tiles
@@ -149,28 +148,15 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, tickets_ptr, nw_ptr, e
         k_end = tl.minimum(K, k_start + k_per)
         w_ptrs += k_start
         xt_ptrs += k_start
-        nw_ptrs += k_start
     acc = tl.zeros([BLOCK_N, 16], tl.float32)
-    ss = tl.zeros([16], tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
-        k_mask = (k0 + offs_k) < k_end
         if EVEN_K:
             w = tl.load(w_ptrs)
             xt = tl.load(xt_ptrs, mask=m_mask[None, :], other=0.0)
         else:
+            k_mask = (k0 + offs_k) < k_end
             w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
             xt = tl.load(xt_ptrs, mask=m_mask[None, :] & k_mask[:, None], other=0.0)
-        if NORM == 3:
-            xf = xt.to(tl.float32)
-            ss += tl.sum(xf * xf, 0)
-        if NORM == 1:  # RMSNorm on load, rounded as triton_fused.rms_norm rounds
-            if EVEN_K:
-                g = tl.load(nw_ptrs).to(tl.float32)
-            else:
-                g = tl.load(nw_ptrs, mask=k_mask, other=0.0).to(tl.float32)
-            y = (xt.to(tl.float32) * inv[None, :]).to(xt.dtype).to(tl.float32)
-            xt = (g[:, None] * y).to(xt.dtype)
-            nw_ptrs += BLOCK_K
         acc = tl.dot(w, xt, acc)
         w_ptrs += BLOCK_K
         xt_ptrs += BLOCK_K
@@ -190,61 +176,24 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, tickets_ptr, nw_ptr, e
             for s in tl.static_range(SPLIT_K):
                 acc += tl.load(ws_ptr + s * M * N + tile, mask=ws_mask, other=0.0,
                                cache_modifier=".cg")
-            acc = _row_scale(acc, ss, x_ptr, stride_xm, M, K, eps, NORM, NORM_KP)
             if HAS_BIAS:
                 acc += bias[:, None]
             _store(acc, out_ptr, out_ptrs, out_mask, offs_m, m_mask, stride_om, pid, N,
-                   BLOCK_N, GLU, ADD)
+                   BLOCK_N, GLU)
             tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # for the next launch
     else:
-        acc = _row_scale(acc, ss, x_ptr, stride_xm, M, K, eps, NORM, NORM_KP)
         if HAS_BIAS:
             acc += bias[:, None]
         _store(acc, out_ptr, out_ptrs, out_mask, offs_m, m_mask, stride_om, pid, N, BLOCK_N,
-               GLU, ADD)
-
-
-@triton.jit
-def _row_scale(acc, ss, x_ptr, stride_xm, M, K, eps, NORM: tl.constexpr, KP: tl.constexpr):
-    """``acc`` with column m times 1 / rms(x[m]) (NORM 2: rows read now, all at once;
-    NORM 3: from ``ss``, the squares summed in the K loop); as is for NORM 0 and 1."""
-    if NORM == 2:
-        offs_m = tl.arange(0, 16)
-        offs = tl.arange(0, KP)
-        inv = tl.zeros([16], tl.float32)
-        for m in tl.static_range(8):
-            live = (offs < K) & (tl.full([KP], m, tl.int32) < M)
-            v = tl.load(x_ptr + m * stride_xm + offs, mask=live, other=0.0).to(tl.float32)
-            inv = tl.where(offs_m == m, tl.rsqrt(tl.sum(v * v, 0) / K + eps), inv)
-        acc = acc * inv[None, :]
-    if NORM == 3:
-        acc = acc * tl.rsqrt(ss / K + eps)[None, :]
-    return acc
-
-
-@triton.jit
-def _rms_inv(x_ptr, stride_xm, M, K, eps, CHUNK: tl.constexpr = 1024):
-    """``[16]`` fp32: ``1 / sqrt(mean(x[m]^2) + eps)`` for rows m < M, 0 past them."""
-    offs_m = tl.arange(0, 16)
-    offs_c = tl.arange(0, CHUNK)
-    inv = tl.zeros([16], tl.float32)
-    for m in range(0, M):
-        ss = tl.zeros([CHUNK], tl.float32)
-        for c0 in range(0, K, CHUNK):
-            v = tl.load(x_ptr + m * stride_xm + c0 + offs_c, mask=(c0 + offs_c) < K,
-                        other=0.0).to(tl.float32)
-            ss += v * v
-        inv = tl.where(offs_m == m, tl.rsqrt(tl.sum(ss, 0) / K + eps), inv)
-    return inv
+               GLU)
 
 
 @triton.jit
 def _store(acc, out_ptr, out_ptrs, out_mask, offs_m, m_mask, stride_om, pid, N,
-           BLOCK_N: tl.constexpr, GLU: tl.constexpr, ADD: tl.constexpr):
+           BLOCK_N: tl.constexpr, GLU: tl.constexpr):
     """Store a program's ``[BLOCK_N, 16]`` result; with ``GLU``, its gate half and up
     half as ``silu(gate) * up`` into ``BLOCK_N / 2`` columns of ``[M, N / 2]``, each
-    factor rounded to the output dtype first (``gemv`` then ``silu_and_mul``); with
-    ``ADD``, rounded then added to what ``out`` holds (as ``rms_norm``'s residual add)."""
+    factor rounded to the output dtype first (``gemv`` then ``silu_and_mul``)."""
     dt = out_ptr.dtype.element_ty
     if GLU:
         pair = tl.permute(tl.reshape(acc, [2, BLOCK_N // 2, 16]), (1, 2, 0))
@@ -255,9 +204,6 @@ def _store(acc, out_ptr, out_ptrs, out_mask, offs_m, m_mask, stride_om, pid, N,
         cols = pid * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
         tl.store(out_ptr + offs_m[None, :] * stride_om + cols[:, None], (s * u).to(dt),
                  mask=m_mask[None, :] & (cols[:, None] < N // 2))
-    elif ADD:
-        old = tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
-        tl.store(out_ptrs, (acc.to(dt).to(tl.float32) + old).to(dt), mask=out_mask)
     else:
         tl.store(out_ptrs, acc.to(dt), mask=out_mask)
 
@@ -336,91 +282,68 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x if x.stride(1) == 1 else x.contiguous()
 
 
-def _config_for(n: int, k: int, x: torch.Tensor, weight: torch.Tensor) -> GemvConfig:
+def _config_for(n: int, k: int, x: torch.Tensor, autotune) -> tuple[GemvConfig, bool]:
     """The config for (N, K) on x's device: remembered, the sm_90 preset, the default
-    inside a graph capture, or autotuned now (the plain kernel into a scratch output, so
-    that a fused variant's output is never written by the tuning runs). Mutates the
-    module's record of picks."""
+    inside a graph capture, or autotuned now by ``autotune()`` (which runs the plain
+    kernel); and whether ``autotune`` ran. Mutates the module's record of picks."""
     key = (n, k, x.dtype, x.device.index)
     config = _chosen.get(key)
     if config is None and x.is_cuda:
         config = preset_config(n, k, x.dtype, torch.cuda.get_device_capability(x.device))
+    ran = False
     if config is None:
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
-            return default_config(n, k)  # never time inside a capture
-        m = x.shape[0]
-        y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-        partials, tickets = _workspace(x.device, m, n)
-        _gemv_autotuned[_grid(n)](x, weight, y, y, partials, tickets, y, 0.0, m, n, k,
-                                  x.stride(0), weight.stride(0), y.stride(0), HAS_BIAS=False,
-                                  PDL=False)
-        config = _from_triton(_gemv_autotuned.best_config)
+            return default_config(n, k), False  # never time inside a capture
+        autotune()
+        config, ran = _from_triton(_gemv_autotuned.best_config), True
     _chosen[key] = config
-    return config
+    return config, ran
 
 
-def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-            out: torch.Tensor, config: GemvConfig | None, norm_weight: torch.Tensor | None,
-            eps: float, glu: bool, add: bool, rms_scale: int = 0) -> torch.Tensor:
-    m, k = x.shape
-    n = weight.shape[0]
-    if config is None:
-        config = _config_for(n, k, x, weight)
-    assert not glu or config.block_n % 2 == 0
-    assert rms_scale != 3 or config.split_k == 1
-    if norm_weight is not None:
-        assert norm_weight.shape == (k,) and norm_weight.stride(0) == 1, "norm weight is [K]"
-    partials, tickets = _workspace(x.device, m, n)
+def _launch(args: tuple, config: GemvConfig, n: int, k: int, x: torch.Tensor, has_bias: bool,
+            glu: bool) -> None:
     _gemv_kernel[(triton.cdiv(n, config.block_n), config.split_k)](
-        x, weight, out if bias is None else bias, out, partials, tickets,
-        out if norm_weight is None else norm_weight, float(eps), m, n, k, x.stride(0),
-        weight.stride(0), out.stride(0), BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        HAS_BIAS=bias is not None, EVEN_K=_even_k(k, config.block_k, config.split_k),
-        SPLIT_K=config.split_k, num_warps=config.num_warps, num_stages=config.num_stages,
-        PDL=use_pdl(x), launch_pdl=use_pdl(x), GLU=glu, ADD=add,
-        NORM=1 if norm_weight is not None else rms_scale, NORM_KP=triton.next_power_of_2(k))
-    return out
+        *args, BLOCK_N=config.block_n, BLOCK_K=config.block_k, HAS_BIAS=has_bias,
+        EVEN_K=_even_k(k, config.block_k, config.split_k), SPLIT_K=config.split_k,
+        num_warps=config.num_warps, num_stages=config.num_stages, PDL=use_pdl(x),
+        launch_pdl=use_pdl(x), GLU=glu)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         out: torch.Tensor | None = None, config: GemvConfig | None = None, *,
-         norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-         accumulate: bool = False, rms_scale: int = 0) -> torch.Tensor:
+         out: torch.Tensor | None = None, config: GemvConfig | None = None) -> torch.Tensor:
     """``x @ weight^T (+ bias)``: x ``[M, K]`` (1 <= M <= 8), weight ``[N, K]`` with
     stride 1 along K, bias ``[N]``, all one dtype (bf16 or fp16); fp32 accumulation.
     Writes ``out`` ``[M, N]`` (allocated when None; its last stride must be 1) and
     returns it. ``config`` forces a variant (tests, sweeps); otherwise see the module
-    doc.
-
-    ``norm_weight`` ``[K]``: multiply by ``rms_norm(x, norm_weight, eps)`` instead of x
-    (each program computes the rows' norms itself; rounded as ``triton_fused.rms_norm``).
-    ``accumulate``: ``out += result`` (``out`` required, holding the addend; the result
-    is rounded first, then added as ``rms_norm``'s residual add does); ``out`` must not
-    overlap ``x``.
-
-    Mutates ``out`` and, on a shape's first eager call, the module's record of
+    doc. Mutates ``out`` and, on a shape's first eager call, the module's record of
     autotuning picks; no host sync (graph-capturable)."""
     x = _check(x, weight)
     m, k = x.shape
     n = weight.shape[0]
-    assert out is not None or not accumulate, "accumulate adds into a given out"
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     assert out.shape == (m, n) and out.stride(1) == 1
-    return _launch(x, weight, bias, out, config, norm_weight, eps, glu=False, add=accumulate,
-                   rms_scale=rms_scale)
+    has_bias = bias is not None
+    partials, tickets = _workspace(x.device, m, n)
+    args = (x, weight, bias if has_bias else out, out, partials, tickets, m, n, k, x.stride(0),
+            weight.stride(0), out.stride(0))
+    if config is None:
+        config, ran = _config_for(n, k, x, lambda: _gemv_autotuned[_grid(n)](
+            *args, HAS_BIAS=has_bias, PDL=False))
+        if ran:
+            return out  # autotuning ran the kernel: out is written
+    _launch(args, config, n, k, x, has_bias, glu=False)
+    return out
 
 
 def gemv_glu(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
-             config: GemvConfig | None = None, *, norm_weight: torch.Tensor | None = None,
-             eps: float = 0.0, rms_scale: int = 0) -> torch.Tensor:
+             config: GemvConfig | None = None) -> torch.Tensor:
     """``silu(x @ gate^T) * (x @ up^T)`` where ``weight`` ``[2I, K]`` is ``[gate; up]``
     (the fused gate/up projection), x ``[M, K]`` as for ``gemv``; the same bits as
-    ``silu_and_mul(gemv(x, weight))``; ``norm_weight``/``eps`` as for ``gemv``. Writes
-    ``out`` ``[M, I]`` (allocated when None) and returns it. The config is the one
-    ``gemv`` uses for ``weight``'s shape (autotuned on the plain kernel if there is none
-    yet); ``config`` forces one whose ``block_n`` halves evenly. Mutates ``out`` and the
-    module's record of picks; no host sync."""
+    ``silu_and_mul(gemv(x, weight))``. Writes ``out`` ``[M, I]`` (allocated when None)
+    and returns it. The config is the one ``gemv`` uses for ``weight``'s shape (autotuned
+    on the plain kernel if there is none yet); ``config`` forces one whose ``block_n``
+    halves evenly. Mutates ``out`` and the module's record of picks; no host sync."""
     x = _check(x, weight)
     m, k = x.shape
     n = weight.shape[0]
@@ -428,5 +351,16 @@ def gemv_glu(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = N
     if out is None:
         out = torch.empty(m, n // 2, dtype=x.dtype, device=x.device)
     assert out.shape == (m, n // 2) and out.stride(1) == 1
-    return _launch(x, weight, None, out, config, norm_weight, eps, glu=True, add=False,
-                   rms_scale=rms_scale)
+    partials, tickets = _workspace(x.device, m, n)
+    if config is None:
+        def autotune():
+            y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+            _gemv_autotuned[_grid(n)](x, weight, y, y, partials, tickets, m, n, k, x.stride(0),
+                                      weight.stride(0), y.stride(0), HAS_BIAS=False, PDL=False)
+
+        config, _ = _config_for(n, k, x, autotune)
+    assert config.block_n % 2 == 0
+    args = (x, weight, out, out, partials, tickets, m, n, k, x.stride(0), weight.stride(0),
+            out.stride(0))
+    _launch(args, config, n, k, x, False, glu=True)
+    return out

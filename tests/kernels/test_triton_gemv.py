@@ -14,7 +14,7 @@ from pdserve.kernels import reference
 triton = pytest.importorskip("triton")
 from kernel_checks import gpu, interpreter  # noqa: E402
 
-from pdserve.kernels.triton_fused import rms_norm_reference, silu_and_mul  # noqa: E402
+from pdserve.kernels.triton_fused import silu_and_mul  # noqa: E402
 from pdserve.kernels.triton_gemv import (  # noqa: E402
     SM90_PICKS,
     GemvConfig,
@@ -118,54 +118,6 @@ def test_gemv_glu_interpreter_fp16(config, m):
     check_glu(m, 37, 200, torch.float16, "cpu", config)
 
 
-def check_norm_add(m, n, k, dtype, device, config=None, glu=False):
-    """RMSNorm on load (``norm_weight``) against ``rms_norm`` then the plain GEMV (or
-    GLU), and ``accumulate`` against the plain GEMV's output added to ``out`` as the
-    fused residual add rounds, all with the same config. The norm's sum of squares is
-    taken in another order than ``rms_norm``'s, so its 1 / rms may differ in the last
-    fp32 bit and a normed input by one unit in the last place: the result is within the
-    bound such a change of input can move it; the accumulate is the same bits."""
-    x = 3 * torch.randn(m, k, dtype=dtype, device=device)
-    w = torch.randn(2 * n if glu else n, k, dtype=dtype, device=device) / k ** 0.5
-    g = torch.rand(k, dtype=dtype, device=device) + 0.5
-    plain = gemv_glu if glu else gemv
-    normed = rms_norm_reference(x, g, 1e-5)
-    ref = plain(normed, w, config=config)
-    got = plain(x, w, config=config, norm_weight=g, eps=1e-5)
-    assert not got.isnan().any()
-    eps = torch.finfo(dtype).eps
-    pre = gemv(normed, w, config=config).double()  # the projection before any activation
-    # one ulp on every normed input moves a projection by eps * sum |x| |w|, and its
-    # rounding by one more ulp of itself
-    move = eps * (normed.double().abs() @ w.double().abs().t()) + eps * pre.abs()
-    if glu:  # d/dg silu(g) <= 1.1 in size; silu(g) * u is rounded once more
-        gate, up = pre[:, :n], pre[:, n:]
-        move = 1.1 * up.abs() * move[:, :n] + gate.abs() * move[:, n:]
-    diff = (got.double() - ref.double()).abs()
-    bound = move + eps * ref.double().abs() + torch.finfo(dtype).tiny
-    assert (diff <= bound).all(), (diff - bound).max()
-    if glu:
-        return
-    base = torch.randn(m, n, dtype=dtype, device=device)
-    out = base.clone()
-    assert gemv(x, w, config=config, out=out, accumulate=True) is out
-    assert torch.equal(out, (gemv(x, w, config=config).float() + base.float()).to(dtype))
-
-
-@interpreter
-@pytest.mark.parametrize("m", [1, 3, 8])
-@pytest.mark.parametrize("config", [DOT, SPLIT], ids=["dot", "split_k"])
-def test_gemv_norm_and_add_interpreter_fp16(config, m):
-    """K = 200 (not a multiple of the tiles or of the norm's 1024-wide chunk)."""
-    check_norm_add(m, 37, 200, torch.float16, "cpu", config)
-
-
-@interpreter
-@pytest.mark.parametrize("m", [1, 8])
-def test_gemv_glu_norm_interpreter_fp16(m):
-    check_norm_add(m, 37, 2100, torch.float16, "cpu", GemvConfig(32, 64, 4, 2), glu=True)
-
-
 def rows_alone_equal_rows_together(n, k, dtype, device, config=None):
     """Each of 8 rows computed alone, and the first m rows together for every m, give
     the same bits as all 8 together (batch invariance)."""
@@ -250,17 +202,6 @@ def test_gemv_glu_gpu_autotunes_on_the_plain_kernel():
     got = gemv_glu(x, w)
     pick = chosen_configs()[(n, k, torch.bfloat16, torch.cuda.current_device())]
     assert torch.equal(got, silu_and_mul(gemv(x, w, config=pick)))
-
-
-@gpu
-@pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 2, 8])
-@pytest.mark.parametrize("n,k,glu", [(6144, 4096, False), (14336, 4096, True),
-                                     (4096, 14336, False), (4096, 4096, False)],
-                         ids=["qkv", "gate_up", "down", "o_proj"])
-def test_gemv_norm_and_add_gpu(n, k, glu, m):
-    """The decode layer's fused forms at Llama-3-8B's shapes in bf16, the sm_90 picks."""
-    check_norm_add(m, n, k, torch.bfloat16, "cuda", glu=glu)
 
 
 @gpu
