@@ -245,7 +245,9 @@ def main() -> None:
         "floor_all_weights_ms": weight_bytes / bw * 1e3,
         "ratio_to_floor_all_weights": dec / (weight_bytes / bw),
         "floor_note": "floor = bytes read per step (weights less the embedding table) / "
-                      "measured copy bandwidth; KV of <400 tokens is negligible"}
+                      "measured copy bandwidth; KV of <400 tokens is negligible; "
+                      "floor_all_weights = every weight byte / the same bandwidth "
+                      "(the issue's formula)"}
     log(f"batch 1: {dec * 1e3:.2f} ms/step ({1 / dec:.0f} tok/s), floor {floor * 1e3:.2f} ms, "
         f"ratio {dec / floor:.3f}")
     save()

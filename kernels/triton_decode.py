@@ -5,12 +5,10 @@ through its block table (contract: ``reference.paged_decode_attention``).
 
 The context is cut into partitions of ``partition_size`` tokens. One program
 handles one (kv head, partition, sequence): the ``G`` query heads of that kv
-head are the rows of one ``tl.dot`` (GQA packed, padded to 16 rows). A
-sequence whose context fits one partition is finished by that program. For a
-longer one each program writes a partial result (running max, running sum,
-unnormalised output) and takes a ticket from a per-(sequence, kv head)
-counter; the program that draws the last ticket merges the partials and
-writes the output (``fused_reduce``), or a second kernel merges them.
+head are the rows of one ``tl.dot`` (GQA packed, padded to 16 rows). Over more
+than one partition each program writes a partial (running max, running sum,
+unnormalised output) and takes a ticket from a per-(sequence, kv head) counter;
+the last to draw one merges the partials (``fused_reduce``), or a second kernel does.
 
     sequence i:  |-- part 0 --|-- part 1 --|-- part 2 --|  ...  | part P-1 |
                   0                          ctx_i
@@ -18,14 +16,10 @@ writes the output (``fused_reduce``), or a second kernel merges them.
                   the others write partials, the last to finish merges them
 
 For a few sequences the partition size follows each context on the device
-(``DecodeTuning.max_partitions``): few partitions for a short context, more for a long one.
-
-No host syncs: the grid comes from tensor shapes only (``block_tables.shape[1]``
-bounds every context), so a launch can be captured in a CUDA graph.
-
-Split-K scratch lives in a ``DecodeWorkspace`` (partials, and ticket counters
-that every launch leaves zero); pass one allocated per batch shape to keep
-allocations out of the step, or let each call allocate its own.
+(``DecodeTuning.max_partitions``). No host syncs: the grid comes from shapes only
+(``block_tables.shape[1]`` bounds every context), so a launch captures in a CUDA graph.
+Split-K scratch lives in a ``DecodeWorkspace`` (partials, and ticket counters that
+every launch leaves zero), allocated per batch shape or per call.
 """
 
 import functools
@@ -51,8 +45,8 @@ class DecodeTuning:
     num_warps: int = 4
     num_stages: int = 3
     fused_reduce: bool = True
-    # > 0: partitions follow each context on the device: at most max_partitions (unless
-    # partition_size, the cap, binds), multiples of block_n, at least min_partition
+    # > 0: partitions follow each context: at most max_partitions (unless partition_size,
+    # the cap, binds), multiples of block_n, at least min_partition tokens
     max_partitions: int = 0
     min_partition: int = 64
 
@@ -60,6 +54,7 @@ class DecodeTuning:
 FULL_BATCH_PARTITION = 4096  # tokens per partition when sequences x kv heads fill the GPU
 SMALL_BATCH_ROWS = 32  # sequences x kv heads up to which partitions follow the context
 FOLLOW_PROGRAMS = 128  # programs a context-following launch aims at
+TWO_WARP_TOKENS = 512  # the most tokens a program may stream for a 2-warp launch
 
 
 @functools.lru_cache(maxsize=8)
@@ -79,33 +74,40 @@ def default_tuning(num_seqs: int, num_kv_heads: int, max_blocks: int, block_size
     """
     max_tokens = max_blocks * block_size
     if device.type == "cuda" and num_seqs * num_kv_heads >= 3 * _num_sms(device):
-        # A full batch fills the GPU without splitting: partitions of up to 4096 tokens,
-        # 2 stages (H200, B=64 x 4096: one partition 256 us = 1.0x SDPA, 2048 tokens
-        # 270 us; a cap, so that the longest sequences of a ragged batch do not run
-        # alone at the end: B=64 ragged up to 8192, one partition 336 us, 2048 281 us).
+        # A full batch fills the GPU unsplit: partitions up to 4096 tokens, 2 stages (H200,
+        # B=64 x 4096: one partition 256 us = 1.0x SDPA; a cap so that a ragged batch's
+        # longest do not run alone at the end: B=64 to 8192, 336 us unsplit, 2048 281).
         size = min(max_tokens, FULL_BATCH_PARTITION)
         if size >= max_tokens:
             size = -(-max_tokens // 64) * 64
         return DecodeTuning(partition_size=size, block_n=64, num_stages=2)
     if device.type == "cuda" and num_seqs * num_kv_heads <= SMALL_BATCH_ROWS:
-        # A few sequences: partitions follow each context on the device (H200, B=1, 32
-        # launches in a chain, 8192-token tables: 1024 tokens 7.6 us against 10.0 with
-        # fixed 256-token partitions, 16384 tokens 25.8 against 38.5, 256 tokens 6.7
-        # either way; results/decode_chain_h200_sweep_d55a15f.json).
-        return DecodeTuning(partition_size=2048, block_n=64,
-                            max_partitions=-(-FOLLOW_PROGRAMS // (num_seqs * num_kv_heads)),
-                            min_partition=64)
+        return small_batch_tuning(num_seqs * num_kv_heads, max_tokens)
     programs_wanted = 4 * _num_sms(device)
     parts_wanted = max(1, -(-programs_wanted // max(1, num_seqs * num_kv_heads)))
     size = triton.next_power_of_2(max(1, -(-max_tokens // parts_wanted)))
-    # Floor: enough work per program (H200, B=1 x 4096: 256 tokens 20 us, 128 tokens 25 us);
-    # cap: no program streams more than this, so the long sequences of a ragged batch do
-    # not run alone at the end (B=32 ragged: 2048 -> 191 us, one partition -> 243 us).
+    # Floor: enough work per program (H200, B=1 x 4096: 256 tokens 20 us, 128: 25 us);
+    # cap: a ragged batch's long sequences do not run alone at the end (B=32: 2048 ->
+    # 191 us, one partition 243 us).
     size = min(max(size, 256 if device.type == "cuda" else 64), 2048)
     block_n = 64
     if size >= max_tokens:
         size = -(-max_tokens // block_n) * block_n  # one partition
     return DecodeTuning(partition_size=size, block_n=block_n)
+
+
+def small_batch_tuning(rows: int, max_tokens: int) -> DecodeTuning:
+    """A few sequences (``rows`` = sequences x KV heads): partitions follow each context,
+    ~``FOLLOW_PROGRAMS`` programs; 2 warps where no program streams over
+    ``TWO_WARP_TOKENS`` (table width / partitions). H200, B=1, 32-launch chain
+    (results/decode_chain_h200_sweep_*): following beat fixed 256-token partitions
+    (1024 tokens 7.6 vs 10.0 us, 16384 25.8 vs 38.5); 2 warps, 8192-wide tables: 5.9 /
+    6.7 / 11.1 us at 256 / 1024 / 4096 tokens vs 6.7 / 7.6 / 11.6 with 4, but 27.2 vs
+    25.8 at 16384 (1024 a program). Pure."""
+    parts = -(-FOLLOW_PROGRAMS // rows)
+    warps = 2 if max_tokens <= parts * TWO_WARP_TOKENS else 4
+    return DecodeTuning(partition_size=2048, block_n=64, num_warps=warps,
+                        max_partitions=parts, min_partition=64)
 
 
 def num_partitions(max_blocks: int, block_size: int, tuning: DecodeTuning) -> int:
@@ -209,14 +211,11 @@ def _decode_kernel(
     num_kv_heads = tl.num_programs(0)
     num_parts = tl.num_programs(1)
 
-    # The length and the first tile's block ids are loaded before the length check,
-    # and under PDL before waiting for the kernel ahead: they are the step's inputs
-    # (copied in before it), not what that kernel writes, so a partition past its
-    # context exits without waiting (most of them, when the grid is sized for a long
-    # max_model_len and the context is short). Under PDL q, which the kernel ahead
-    # writes, is loaded after the wait. The first block ids are masked by the table
-    # width (from shapes), not the context: entries past a context may be any id, and
-    # are only used under the K/V masks below, which do use the context.
+    # The length and first block ids (step inputs, not written by the kernel ahead)
+    # load before the length check and, under PDL, before the wait, so a partition past
+    # its context exits without waiting; q (written by the kernel ahead) loads after
+    # it. The first ids are masked by the table width: entries past a context may be
+    # any id, used only under the K/V masks below, which use the context.
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)

@@ -82,6 +82,7 @@ if case == "decode":
     decode("bf16", 128, 4, 16, True, True, 32, 4, warps=2)  # the batch-1 sweep's small shapes
     decode("bf16", 128, 4, 16, True, True, 256, 1, warps=8)  # one tile per partition
     decode("bf16", 128, 4, 16, True, True, 64, 3, adaptive=True)  # partitions follow context
+    decode("bf16", 128, 4, 16, True, True, 64, 3, warps=2, adaptive=True)  # batch-1 default
     decode("bf16", 128, 4, 16, True, False, 64, 3, adaptive=True)
 elif case == "prefill":
     prefill("bf16", 128, 4, 16, P())  # the default tiles

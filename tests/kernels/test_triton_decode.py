@@ -180,3 +180,17 @@ def test_decode_gpu_cuda_graph(paged_cache, partition_size):
                                                0.1)
         assert rel_err(out, ref) < TOLERANCE[torch.bfloat16]
     assert not ws.tickets.any()
+
+
+def test_small_batch_tuning_two_warps_only_for_short_programs():
+    """About 128 programs; 2 warps while no program can stream more than 512 tokens."""
+    from pdserve.kernels.triton_decode import small_batch_tuning
+
+    b1 = small_batch_tuning(8, 8192)  # batch 1, 8 KV heads, max_model_len 8192
+    assert (b1.max_partitions, b1.num_warps, b1.min_partition, b1.block_n) == (16, 2, 64, 64)
+    assert small_batch_tuning(8, 16384).num_warps == 4  # up to 1024 tokens a program
+    b2 = small_batch_tuning(16, 8192)
+    assert (b2.max_partitions, b2.num_warps) == (8, 4)
+    assert (small_batch_tuning(16, 4096).max_partitions,
+            small_batch_tuning(16, 4096).num_warps) == (8, 2)
+    assert small_batch_tuning(32, 2048).max_partitions == 4
