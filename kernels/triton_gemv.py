@@ -121,8 +121,8 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, tickets_ptr, M, N, K,
                  stride_xm, stride_wn, stride_om,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-                 SPLIT_K: tl.constexpr, PDL: tl.constexpr, GLU: tl.constexpr = False):
-    pdl_enter(PDL)
+                 SPLIT_K: tl.constexpr, PDL: tl.constexpr, GLU: tl.constexpr = False,
+                 PF_BYTES: tl.constexpr = 0):
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     # rows past N read row N - 1 (valid memory, no mask on the W stream); not stored
@@ -148,6 +148,9 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, tickets_ptr, M, N, K,
         k_end = tl.minimum(K, k_start + k_per)
         w_ptrs += k_start
         xt_ptrs += k_start
+    if PF_BYTES > 0:  # W does not depend on the kernel ahead: ask for its start now
+        _prefetch_rows_l2(w_ptr, rows_w * stride_wn + k_start, PF_BYTES, BLOCK_N)
+    pdl_enter(PDL)  # everything above reads only weights; x is written by the kernel ahead
     acc = tl.zeros([BLOCK_N, 16], tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         if EVEN_K:
@@ -186,6 +189,18 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, tickets_ptr, M, N, K,
             acc += bias[:, None]
         _store(acc, out_ptr, out_ptrs, out_mask, offs_m, m_mask, stride_om, pid, N, BLOCK_N,
                GLU)
+
+
+@triton.jit
+def _prefetch_rows_l2(w_ptr, offs, PF_BYTES: tl.constexpr, ROWS: tl.constexpr):
+    """Bulk-prefetch into L2 the ``PF_BYTES`` bytes from element ``offs[r]`` of each of
+    ``ROWS`` rows (``cp.async.bulk.prefetch.L2``, sm_90+; 16-byte aligned, a multiple of
+    16 bytes). A hint: no result, no write."""
+    esize: tl.constexpr = w_ptr.dtype.element_ty.primitive_bitwidth // 8
+    ptrs = w_ptr.to(tl.pointer_type(tl.int8)) + offs * esize
+    tl.inline_asm_elementwise(
+        "cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r",
+        [ptrs, tl.full([ROWS], PF_BYTES, tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -300,13 +315,24 @@ def _config_for(n: int, k: int, x: torch.Tensor, autotune) -> tuple[GemvConfig, 
     return config, ran
 
 
+# bytes of each W row a program asks L2 for before waiting on the kernel ahead (0: off)
+PREFETCH_ROW_BYTES = 0
+
+
+def _prefetch_bytes(k: int, config: GemvConfig, esize: int) -> int:
+    """``PREFETCH_ROW_BYTES`` within one split's share of a row, in 16-byte units."""
+    share = (k // config.split_k) * esize
+    return min(PREFETCH_ROW_BYTES, share) // 16 * 16
+
+
 def _launch(args: tuple, config: GemvConfig, n: int, k: int, x: torch.Tensor, has_bias: bool,
             glu: bool) -> None:
     _gemv_kernel[(triton.cdiv(n, config.block_n), config.split_k)](
         *args, BLOCK_N=config.block_n, BLOCK_K=config.block_k, HAS_BIAS=has_bias,
         EVEN_K=_even_k(k, config.block_k, config.split_k), SPLIT_K=config.split_k,
         num_warps=config.num_warps, num_stages=config.num_stages, PDL=use_pdl(x),
-        launch_pdl=use_pdl(x), GLU=glu)
+        launch_pdl=use_pdl(x), GLU=glu,
+        PF_BYTES=_prefetch_bytes(k, config, x.element_size()) if use_pdl(x) else 0)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

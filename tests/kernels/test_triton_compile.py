@@ -65,11 +65,11 @@ def prefill(dt, d, group, bs, tuning):
     compile_for_sm90(triton_prefill._prefill_kernel, types, consts, tuning.num_warps,
                      tuning.num_stages)
 
-def gemv(dt, c, has_bias, even_k, pdl=True, glu=False):
+def gemv(dt, c, has_bias, even_k, pdl=True, glu=False, pf=0):
     types = dict(x_ptr=f"*{dt}", w_ptr=f"*{dt}", bias_ptr=f"*{dt}", out_ptr=f"*{dt}",
                  ws_ptr="*fp32", tickets_ptr="*i32")
     consts = dict(BLOCK_N=c.block_n, BLOCK_K=c.block_k, HAS_BIAS=has_bias, EVEN_K=even_k,
-                  SPLIT_K=c.split_k, PDL=pdl, GLU=glu)
+                  SPLIT_K=c.split_k, PDL=pdl, GLU=glu, PF_BYTES=pf)
     compile_for_sm90(triton_gemv._gemv_kernel, types, consts, c.num_warps, c.num_stages)
 
 case = sys.argv[1]
@@ -95,6 +95,8 @@ elif case == "gemv":
     gemv("fp16", triton_gemv.CONFIGS[-1], False, False)
     gemv("bf16", triton_gemv.SM90_PICKS[(28672, 4096)], False, True, glu=True)  # gate/up
     gemv("bf16", triton_gemv.GemvConfig(32, 128, 4, 6, 4), False, True, glu=True)  # split
+    gemv("bf16", triton_gemv.SM90_PICKS[(4096, 14336)], False, True, pf=1024)  # L2 prefetch
+    gemv("bf16", triton_gemv.SM90_PICKS[(28672, 4096)], False, True, glu=True, pf=2048)
 elif case == "fused":  # the decode step's small kernels, launched with PDL on the GPU
     for pdl in (False, True):
         compile_for_sm90(triton_fused._rms_norm_kernel,

@@ -207,6 +207,22 @@ def test_gemv_glu_gpu_autotunes_on_the_plain_kernel():
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,k", LLAMA3_8B[:4])
+def test_gemv_gpu_l2_prefetch_same_bits(n, k, monkeypatch):
+    """The L2 prefetch before the PDL wait is a hint: the same bits with and without
+    (GEMV and the fused GLU, the sm_90 picks, split-K for down_proj)."""
+    import pdserve.kernels.triton_gemv as tg
+
+    x = torch.randn(2, k, dtype=torch.bfloat16, device="cuda")
+    w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda")
+    plain, glu = gemv(x, w), gemv_glu(x, w)
+    monkeypatch.setattr(tg, "PREFETCH_ROW_BYTES", 2048)
+    assert tg._prefetch_bytes(k, tg.GemvConfig(64, 128, 4, 4, 2), 2) == 2048
+    assert torch.equal(gemv(x, w), plain) and torch.equal(gemv_glu(x, w), glu)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", LLAMA3_8B[:4])
 def test_gemv_gpu_batch_invariant(n, k):
     """The autotuned pick: a row's output does not depend on the other rows."""
     rows_alone_equal_rows_together(n, k, torch.bfloat16, "cuda")

@@ -1,0 +1,75 @@
+"""Whether the GEMV's own L2 prefetch before the PDL wait makes the batch-1 engine step
+faster (H200).
+
+    PYTHONPATH=<dir holding pdserve> python3 bench/gemv_prefetch_h200.py
+
+Under PDL a GEMV's programs are placed while the kernel ahead is still finishing and
+then wait for it; its weight rows do not depend on that kernel, so a program can ask
+L2 for the first bytes of each of its rows (``triton_gemv.PREFETCH_ROW_BYTES``,
+``cp.async.bulk.prefetch.L2``) before waiting, reading HBM during the tail that would
+otherwise leave it idle. For each budget the bench recaptures the batch-1 graph of
+the Llama-3-8B-shaped engine (random bf16 weights, ``max_model_len`` 8192) and runs a
+128-token prompt for 256 greedy tokens through ``LLMEngine.step``: the median step
+time against the weight-read floor from the copy bandwidth measured in the same run,
+budgets alternating over ``--rounds`` rounds. Writes ``gemv_prefetch_h200.json``.
+"""
+
+import argparse
+import random
+import statistics
+import time
+
+import torch
+
+from pdserve.bench.b1_decode_rule_h200 import batch1_step_ms
+from pdserve.bench.common import write_result
+from pdserve.bench.engine_h200 import (
+    batch1_llm,
+    bytes_read_per_step,
+    copy_bandwidth,
+    engine_steps,
+    random_prompt,
+)
+from pdserve.kernels import triton_gemv
+
+BUDGETS = (0, 512, 1024, 2048, 4096)  # bytes per W row
+
+
+def main() -> None:
+    from pdserve import SamplingParams
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+    bw = copy_bandwidth()
+    eng = batch1_llm(8192).engine
+    floor_ms = bytes_read_per_step(eng) / bw * 1e3
+    rng = random.Random(0)
+    warm = SamplingParams(temperature=0, ignore_eos=True, max_tokens=8, skip_special_tokens=False)
+    engine_steps(eng, [warm], [random_prompt(rng, 128)])
+    times: dict[int, list[float]] = {b: [] for b in BUDGETS}
+    for r in range(args.rounds):
+        for b in BUDGETS:
+            triton_gemv.PREFETCH_ROW_BYTES = b
+            eng.runner.graphs.capture()
+            t = batch1_step_ms(eng, rng)
+            times[b].append(t)
+            print(f"[{time.strftime('%H:%M:%S')}] round {r}: {b} B/row: {t:.3f} ms/step "
+                  f"({t / floor_ms:.3f}x floor)", flush=True)
+    triton_gemv.PREFETCH_ROW_BYTES = 0
+    base = statistics.median(times[0])
+    rows = {str(b): {"step_ms": ts, "median_ms": statistics.median(ts),
+                     "ratio_to_floor": statistics.median(ts) / floor_ms,
+                     "ratio_to_no_prefetch": statistics.median(ts) / base}
+            for b, ts in times.items()}
+    for b, row in rows.items():
+        print(f"{b} B/row: {row['median_ms']:.3f} ms = {row['ratio_to_floor']:.3f}x floor, "
+              f"{row['ratio_to_no_prefetch']:.3f}x no prefetch", flush=True)
+    print("wrote", write_result("gemv_prefetch_h200", {
+        "gpu": torch.cuda.get_device_name(0), "copy_bandwidth_TB_s": bw / 1e12,
+        "floor_ms": floor_ms, "prompt": 128, "new_tokens": 256, "max_model_len": 8192,
+        "rounds": args.rounds, "budgets_bytes_per_row": rows}))
+
+
+if __name__ == "__main__":
+    main()
