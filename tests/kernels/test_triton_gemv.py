@@ -214,10 +214,11 @@ def test_gemv_gpu_l2_prefetch_same_bits(n, k, monkeypatch):
 
     x = torch.randn(2, k, dtype=torch.bfloat16, device="cuda")
     w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda")
-    plain, glu = gemv(x, w), gemv_glu(x, w)
-    monkeypatch.setattr(tg, "PREFETCH_ROW_BYTES", 2048)
-    assert tg._prefetch_bytes(k, tg.GemvConfig(64, 128, 4, 4, 2), 2) == 2048
-    assert torch.equal(gemv(x, w), plain) and torch.equal(gemv_glu(x, w), glu)
+    default = gemv(x, w), gemv_glu(x, w)
+    for budget in (0, 2048):
+        monkeypatch.setattr(tg, "PREFETCH_ROW_BYTES", budget)
+        assert tg._prefetch_bytes(k, tg.GemvConfig(64, 128, 4, 4, 2), 2) == budget
+        assert torch.equal(gemv(x, w), default[0]) and torch.equal(gemv_glu(x, w), default[1])
 
 
 @gpu
