@@ -69,18 +69,25 @@ def batch1_step_ms(eng, rng: random.Random) -> float:
     return statistics.median(t for t, d, _ in steps if d) * 1e3
 
 
-def main() -> None:
+def warm_batch1_engine():
+    """The copy bandwidth (bytes/s) measured now, the Llama-3-8B-shaped batch-1 engine
+    (``max_model_len`` 8192) warmed by one short request, its weight-read floor (ms) at
+    that bandwidth, and the prompt generator: ``(bw, engine, floor_ms, rng)``."""
     from pdserve import SamplingParams
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=2)
-    args = ap.parse_args()
     bw = copy_bandwidth()
     eng = batch1_llm(8192).engine
-    floor_ms = bytes_read_per_step(eng) / bw * 1e3
     rng = random.Random(0)
     warm = SamplingParams(temperature=0, ignore_eos=True, max_tokens=8, skip_special_tokens=False)
     engine_steps(eng, [warm], [random_prompt(rng, 128)])
+    return bw, eng, bytes_read_per_step(eng) / bw * 1e3, rng
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+    bw, eng, floor_ms, rng = warm_batch1_engine()
     times: dict[str, list[float]] = {name: [] for name in RULES}
     for r in range(args.rounds):
         for name, rule in RULES.items():

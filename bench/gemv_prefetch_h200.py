@@ -15,38 +15,23 @@ budgets alternating over ``--rounds`` rounds. Writes ``gemv_prefetch_h200.json``
 """
 
 import argparse
-import random
 import statistics
 import time
 
 import torch
 
-from pdserve.bench.b1_decode_rule_h200 import batch1_step_ms
+from pdserve.bench.b1_decode_rule_h200 import batch1_step_ms, warm_batch1_engine
 from pdserve.bench.common import write_result
-from pdserve.bench.engine_h200 import (
-    batch1_llm,
-    bytes_read_per_step,
-    copy_bandwidth,
-    engine_steps,
-    random_prompt,
-)
 from pdserve.kernels import triton_gemv
 
 BUDGETS = (0, 256, 512, 768)  # bytes per W row (72e5b03 also tried 1024-4096: slower)
 
 
 def main() -> None:
-    from pdserve import SamplingParams
-
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
-    bw = copy_bandwidth()
-    eng = batch1_llm(8192).engine
-    floor_ms = bytes_read_per_step(eng) / bw * 1e3
-    rng = random.Random(0)
-    warm = SamplingParams(temperature=0, ignore_eos=True, max_tokens=8, skip_special_tokens=False)
-    engine_steps(eng, [warm], [random_prompt(rng, 128)])
+    bw, eng, floor_ms, rng = warm_batch1_engine()
     times: dict[int, list[float]] = {b: [] for b in BUDGETS}
     for r in range(args.rounds):
         for b in BUDGETS:
