@@ -321,10 +321,16 @@ def _config_for(n: int, k: int, x: torch.Tensor, autotune) -> tuple[GemvConfig, 
 PREFETCH_ROW_BYTES = 512
 
 
-def _prefetch_bytes(k: int, config: GemvConfig, esize: int) -> int:
-    """``PREFETCH_ROW_BYTES`` within one split's share of a row, in 16-byte units."""
-    share = (k // config.split_k) * esize
-    return min(PREFETCH_ROW_BYTES, share) // 16 * 16
+def _prefetch_bytes(weight: torch.Tensor, config: GemvConfig) -> int:
+    """``PREFETCH_ROW_BYTES`` within the smallest split's share of a row, in 16-byte
+    units; 0 where a row or a split's start is not 16-byte aligned (the prefetch's
+    rule). Pure."""
+    k, esize = weight.shape[1], weight.element_size()
+    k_per = triton.cdiv(triton.cdiv(k, config.split_k), config.block_k) * config.block_k
+    if weight.data_ptr() % 16 or (weight.stride(0) * esize) % 16 or (k_per * esize) % 16:
+        return 0
+    share = min(k_per, k - (config.split_k - 1) * k_per) * esize
+    return max(0, min(PREFETCH_ROW_BYTES, share)) // 16 * 16
 
 
 def _launch(args: tuple, config: GemvConfig, n: int, k: int, x: torch.Tensor, has_bias: bool,
@@ -334,7 +340,7 @@ def _launch(args: tuple, config: GemvConfig, n: int, k: int, x: torch.Tensor, ha
         EVEN_K=_even_k(k, config.block_k, config.split_k), SPLIT_K=config.split_k,
         num_warps=config.num_warps, num_stages=config.num_stages, PDL=use_pdl(x),
         launch_pdl=use_pdl(x), GLU=glu,
-        PF_BYTES=_prefetch_bytes(k, config, x.element_size()) if use_pdl(x) else 0)
+        PF_BYTES=_prefetch_bytes(args[1], config) if use_pdl(x) else 0)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

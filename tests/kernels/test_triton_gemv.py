@@ -118,6 +118,23 @@ def test_gemv_glu_interpreter_fp16(config, m):
     check_glu(m, 37, 200, torch.float16, "cpu", config)
 
 
+def test_prefetch_bytes_stay_in_each_split_and_aligned(monkeypatch):
+    """The budget, cut to the smallest split's share of a row; none where a row or a
+    split would start off a 16-byte boundary."""
+    import pdserve.kernels.triton_gemv as tg
+
+    monkeypatch.setattr(tg, "PREFETCH_ROW_BYTES", 512)
+    w = torch.empty(64, 4096, dtype=torch.bfloat16)
+    assert tg._prefetch_bytes(w, GemvConfig(64, 128, 4, 4)) == 512
+    assert tg._prefetch_bytes(w, GemvConfig(16, 128, 4, 6, 8)) == 512  # 1024 B a split
+    # K = 200 in 3 splits of 96 (3 tiles of 32), 96 and 8 elements: 16 bytes
+    assert tg._prefetch_bytes(torch.empty(8, 200, dtype=torch.float16), SPLIT) == 16
+    assert tg._prefetch_bytes(torch.empty(8, 100, dtype=torch.float16), DOT) == 0  # 200 B rows
+    assert tg._prefetch_bytes(w[:, 1:], GemvConfig(64, 128, 4, 4)) == 0  # 2-byte offset
+    monkeypatch.setattr(tg, "PREFETCH_ROW_BYTES", 100)
+    assert tg._prefetch_bytes(w, GemvConfig(64, 128, 4, 4)) == 96
+
+
 def rows_alone_equal_rows_together(n, k, dtype, device, config=None):
     """Each of 8 rows computed alone, and the first m rows together for every m, give
     the same bits as all 8 together (batch invariance)."""
@@ -217,7 +234,7 @@ def test_gemv_gpu_l2_prefetch_same_bits(n, k, monkeypatch):
     default = gemv(x, w), gemv_glu(x, w)
     for budget in (0, 2048):
         monkeypatch.setattr(tg, "PREFETCH_ROW_BYTES", budget)
-        assert tg._prefetch_bytes(k, tg.GemvConfig(64, 128, 4, 4, 2), 2) == budget
+        assert tg._prefetch_bytes(w, tg.GemvConfig(64, 128, 4, 4, 2)) == budget
         assert torch.equal(gemv(x, w), default[0]) and torch.equal(gemv_glu(x, w), default[1])
 
 
