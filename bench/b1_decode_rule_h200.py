@@ -83,19 +83,33 @@ def warm_batch1_engine():
     return bw, eng, bytes_read_per_step(eng) / bw * 1e3, rng
 
 
+def alternate(eng, rng, floor_ms: float, rounds: int, variants: dict) -> dict:
+    """For ``rounds`` rounds, each variant in turn: ``variants[name]()`` puts it in place,
+    the batch-1 graph is recaptured and ``batch1_step_ms`` timed. Returns name -> step
+    times (ms); the caller restores what the variants changed. Mutates the engine's
+    graphs."""
+    times: dict = {name: [] for name in variants}
+    for r in range(rounds):
+        for name, apply in variants.items():
+            apply()
+            eng.runner.graphs.capture()
+            t = batch1_step_ms(eng, rng)
+            times[name].append(t)
+            log(f"round {r}: {name}: {t:.3f} ms/step ({t / floor_ms:.3f}x floor)")
+    return times
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
     bw, eng, floor_ms, rng = warm_batch1_engine()
-    times: dict[str, list[float]] = {name: [] for name in RULES}
-    for r in range(args.rounds):
-        for name, rule in RULES.items():
-            triton_decode.default_tuning = rule
-            eng.runner.graphs.capture()
-            t = batch1_step_ms(eng, rng)
-            times[name].append(t)
-            log(f"round {r}: {name}: {t:.3f} ms/step ({t / floor_ms:.3f}x floor)")
+
+    def use(rule):
+        return lambda: setattr(triton_decode, "default_tuning", rule)
+
+    times = alternate(eng, rng, floor_ms, args.rounds,
+                      {name: use(rule) for name, rule in RULES.items()})
     triton_decode.default_tuning = ORIGINAL
     rows = {name: {"step_ms": ts, "median_ms": statistics.median(ts),
                    "ratio_to_floor": statistics.median(ts) / floor_ms,

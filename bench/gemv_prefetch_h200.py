@@ -16,11 +16,10 @@ budgets alternating over ``--rounds`` rounds. Writes ``gemv_prefetch_h200.json``
 
 import argparse
 import statistics
-import time
 
 import torch
 
-from pdserve.bench.b1_decode_rule_h200 import batch1_step_ms, warm_batch1_engine
+from pdserve.bench.b1_decode_rule_h200 import alternate, warm_batch1_engine
 from pdserve.bench.common import write_result
 from pdserve.kernels import triton_gemv
 
@@ -32,16 +31,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
     bw, eng, floor_ms, rng = warm_batch1_engine()
-    times: dict[int, list[float]] = {b: [] for b in BUDGETS}
-    for r in range(args.rounds):
-        for b in BUDGETS:
-            triton_gemv.PREFETCH_ROW_BYTES = b
-            eng.runner.graphs.capture()
-            t = batch1_step_ms(eng, rng)
-            times[b].append(t)
-            print(f"[{time.strftime('%H:%M:%S')}] round {r}: {b} B/row: {t:.3f} ms/step "
-                  f"({t / floor_ms:.3f}x floor)", flush=True)
-    triton_gemv.PREFETCH_ROW_BYTES = 0
+    default = triton_gemv.PREFETCH_ROW_BYTES
+
+    def use(b):
+        return lambda: setattr(triton_gemv, "PREFETCH_ROW_BYTES", b)
+
+    times = alternate(eng, rng, floor_ms, args.rounds, {b: use(b) for b in BUDGETS})
+    triton_gemv.PREFETCH_ROW_BYTES = default
     base = statistics.median(times[0])
     rows = {str(b): {"step_ms": ts, "median_ms": statistics.median(ts),
                      "ratio_to_floor": statistics.median(ts) / floor_ms,
